@@ -1,0 +1,3 @@
+"""effroll: lossless, adaptive self-speculative decoding for LLM RL rollouts."""
+
+__version__ = "0.1.0"

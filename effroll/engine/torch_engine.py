@@ -1,0 +1,424 @@
+"""TorchEngine: the embedded pure-PyTorch engine (CPU and CUDA).
+
+Continuous batching over a fixed number of KV-cache slots; every ``step(plan)``
+advances each active row once, with its own draft length K (K = 0: plain AR).
+
+Per-row invariants between steps (``n = len(row.tokens)``, prompt + output):
+  * the last token is *pending*: the target cache holds positions 0..n-2 (``t_len = n-1``);
+  * the drafter cache holds the first ``d_len <= n`` tokens; a speculative step first
+    feeds ``tokens[d_len:]`` to the drafter (the catch-up, merged with the first draft
+    forward: normally 1 token, 2 after a fully accepted draft, more after AR steps).
+A step: [catch-up + draft K tokens] -> one target forward over [pending, x_1..x_K]
+-> batched rejection sampling -> emit, stop checks, roll both caches back by
+setting the row's lengths.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .kv_cache import KVCache
+from .model import Transformer
+from .records import BatchView, Plan, StepRecord
+from .sampling import SamplingParams, greedy_accept, process_logits, sample_inverse_cdf, speculative_accept, uniforms
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None  # "stop" | "length" | "error"
+    error: str | None = None
+    index: int = 0  # position in the caller's input (generate())
+
+    def to_dict(self) -> dict:
+        d = {"request_id": self.request_id, "token_ids": self.token_ids, "logprobs": self.logprobs,
+             "finish_reason": self.finish_reason}
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+class BatchInputError(ValueError):
+    """Some requests of a batch were invalid; ``outputs`` holds every result, the valid ones complete."""
+
+    def __init__(self, message: str, outputs: list[RequestOutput]):
+        super().__init__(message)
+        self.outputs = outputs
+
+
+@dataclass
+class _Row:
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset[int]
+    index: int = 0
+    tokens: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    t_len: int = 0  # target cache valid length
+    d_len: int = 0  # drafter cache valid length
+    rng_used: int = 0  # uniforms consumed from this request's stream
+    finish: str | None = None
+
+    def remaining(self, max_seq_len: int) -> int:
+        return min(self.params.max_tokens - len(self.out), max_seq_len - len(self.tokens))
+
+
+PlanLike = Plan | int | None | Callable[[BatchView], Plan]
+
+
+class TorchEngine:
+    """Embedded engine: a target model, an optional drafter, continuous batching."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        drafter: Transformer | None = None,
+        *,
+        max_batch: int = 32,
+        max_seq_len: int | None = None,
+        kmax: int = 8,
+        seed: int = 0,
+    ):
+        if not isinstance(model, Transformer):
+            raise TypeError(f"model must be an effroll Transformer, got {type(model).__name__}")
+        for name, v in (("max_batch", max_batch), ("kmax", kmax)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "max_batch" else 0):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.model = model
+        self.cfg = model.cfg
+        self.vocab = model.cfg.vocab_size
+        self.max_batch = max_batch
+        self.kmax = kmax
+        self.max_seq_len = int(max_seq_len or min(model.cfg.max_position_embeddings, 2048))
+        self.capacity = self.max_seq_len + kmax + 1
+        self.cache = KVCache(model.cfg, max_batch, self.capacity, model.dtype, model.device)
+        self.drafter: Transformer | None = None
+        self.dcache: KVCache | None = None
+        self.active: list[_Row] = []
+        self.waiting: deque[_Row] = deque()
+        self.finished: list[RequestOutput] = []
+        self._ids = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(seed)
+        self.step_index = 0
+        self.policy_version = 0
+        self._pending_prefill = (0.0, 0, 0)  # seconds, tokens, rows admitted since last record
+        if drafter is not None:
+            self.set_drafter(drafter)
+
+    # ------------------------------------------------------------------ drafter
+    def check_drafter(self, drafter: Transformer) -> None:
+        if not isinstance(drafter, Transformer):
+            raise TypeError(f"drafter must be an effroll Transformer, got {type(drafter).__name__}")
+        if drafter.cfg.vocab_size != self.vocab:
+            raise ValueError(
+                f"drafter vocabulary size {drafter.cfg.vocab_size} does not match the target's {self.vocab}"
+            )
+        if drafter.cfg.max_position_embeddings < self.max_seq_len:
+            raise ValueError(
+                f"drafter max_position_embeddings {drafter.cfg.max_position_embeddings} is below the engine's "
+                f"max_seq_len {self.max_seq_len}"
+            )
+
+    def set_drafter(self, drafter: Transformer | None) -> None:
+        """Swap the drafter (between steps). Drafter caches restart: the next speculative step catches up."""
+        if drafter is None:
+            self.drafter, self.dcache = None, None
+            return
+        self.check_drafter(drafter)
+        same_shape = (
+            self.dcache is not None
+            and self.drafter is not None
+            and (drafter.cfg.num_layers, drafter.cfg.num_kv_heads, drafter.cfg.head_dim)
+            == (self.drafter.cfg.num_layers, self.drafter.cfg.num_kv_heads, self.drafter.cfg.head_dim)
+        )
+        if not same_shape:
+            self.dcache = KVCache(drafter.cfg, self.max_batch, self.capacity, drafter.dtype, drafter.device)
+        self.drafter = drafter
+        for r in self.active:
+            r.d_len = 0
+
+    # ------------------------------------------------------------------ requests
+    def validate_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        if isinstance(prompt_token_ids, (str, bytes)):
+            raise TypeError("prompt_token_ids must be a sequence of ints, got a string (tokenize it first)")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("empty prompt: prompt_token_ids has no tokens")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not (0 <= t < self.vocab):
+                raise ValueError(f"prompt token id {t!r} is not an int in [0, {self.vocab})")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens is longer than the context: max_seq_len is {self.max_seq_len} "
+                f"(prompt + at least one generated token must fit)"
+            )
+        return ids
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, index: int = 0) -> str:
+        """Queue one request; invalid input raises ValueError/TypeError and queues nothing."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate(self.vocab)
+        ids = self.validate_prompt(prompt_token_ids)
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        seed = params.seed if params.seed is not None else int(torch.randint(-(2**62), 2**62, (1,), generator=self._seed_rng))
+        stop = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop.update(self.cfg.eos_token_ids)
+        self.waiting.append(_Row(rid=rid, prompt=ids, params=params, seed=seed,
+                                 stop_ids=frozenset(stop), index=index, tokens=list(ids)))
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    def pop_finished(self) -> list[RequestOutput]:
+        out, self.finished = self.finished, []
+        return out
+
+    def batch_view(self) -> BatchView:
+        self.admit()
+        return BatchView(
+            request_ids=tuple(r.rid for r in self.active),
+            context_lens=tuple(len(r.tokens) for r in self.active),
+            remaining=tuple(r.remaining(self.max_seq_len) for r in self.active),
+            waiting=len(self.waiting),
+            has_drafter=self.drafter is not None,
+            greedy=tuple(r.params.greedy for r in self.active),
+        )
+
+    # ------------------------------------------------------------------ admission / prefill
+    @torch.no_grad()
+    def admit(self) -> None:
+        """Move queued requests into free slots and prefill their prompts (all but the pending last token)."""
+        new: list[_Row] = []
+        while self.waiting and len(self.active) < self.max_batch:
+            r = self.waiting.popleft()
+            self.active.append(r)
+            new.append(r)
+        if not new:
+            return
+        t0 = time.perf_counter()
+        row0 = len(self.active) - len(new)
+        feeds = [r.tokens[:-1] for r in new]
+        ntok = sum(len(f) for f in feeds)
+        if ntok:
+            self._forward(self.model, self.cache, row0, feeds, [0] * len(new))
+        for r in new:
+            r.t_len = len(r.tokens) - 1
+            r.d_len = 0
+        s, n, a = self._pending_prefill
+        self._pending_prefill = (s + time.perf_counter() - t0, n + ntok, a + len(new))
+
+    def _forward(self, model: Transformer, cache: KVCache, row0: int, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Right-padded batched forward; returns final hidden [B, T, D]."""
+        T = max(len(f) for f in feeds)
+        dev = model.device
+        tok = torch.tensor([f + [0] * (T - len(f)) for f in feeds], dtype=torch.long, device=dev)
+        start = torch.tensor(starts, dtype=torch.long, device=dev)
+        return model(tok, start, cache, starts, row0=row0)
+
+    # ------------------------------------------------------------------ one step
+    def _resolve_plan(self, plan: PlanLike) -> Plan:
+        if plan is None:
+            return Plan(0)
+        if isinstance(plan, Plan):
+            return plan
+        if isinstance(plan, int) and not isinstance(plan, bool):
+            return Plan(plan)
+        if callable(plan):
+            p = plan(self.batch_view())
+            if not isinstance(p, Plan):
+                raise TypeError(f"planner returned {type(p).__name__}, expected Plan")
+            return p
+        raise TypeError(f"plan must be a Plan, an int K, None or a callable, got {plan!r}")
+
+    @torch.no_grad()
+    def step(self, plan: PlanLike = None) -> StepRecord:
+        """Advance every active row by one (AR or speculative) step."""
+        self.admit()
+        plan = self._resolve_plan(plan)
+        rows = self.active
+        B = len(rows)
+        ps, pn, pa = self._pending_prefill
+        self._pending_prefill = (0.0, 0, 0)
+        rec = StepRecord(step=self.step_index, request_ids=[r.rid for r in rows], k=[], accepted=[], emitted=[],
+                         context_lens=[len(r.tokens) for r in rows], seconds=0.0, prefill_s=ps, prefill_tokens=pn,
+                         admitted=pa, waiting=len(self.waiting), policy_version=self.policy_version)
+        self.step_index += 1
+        if B == 0:
+            return rec
+        t0 = time.perf_counter()
+        ks = []
+        for r in rows:
+            k = plan.k_for(r.rid) if self.drafter is not None else 0
+            ks.append(max(0, min(k, self.kmax, r.remaining(self.max_seq_len) - 1)))
+        K = max(ks)
+        dev = self.model.device
+        greedy = torch.tensor([r.params.greedy for r in rows])
+        temp = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows])
+        topk = torch.tensor([r.params.top_k for r in rows], dtype=torch.long)
+        topp = torch.tensor([float(r.params.top_p) for r in rows])
+        # Per-row uniforms from each request's own stream: [0:K) draft sampling, [K:2K) acceptance, [2K] final.
+        u = uniforms(torch.tensor([r.seed for r in rows]), torch.tensor([r.rng_used for r in rows]), 2 * K + 1)
+        for i, r in enumerate(rows):
+            r.rng_used += 2 * K + 1
+
+        # ---- draft (with catch-up merged into the first drafter forward)
+        draft = torch.zeros(B, K, dtype=torch.long)
+        q = None
+        t_d = time.perf_counter()
+        if K > 0:
+            assert self.drafter is not None and self.dcache is not None
+            q = torch.zeros(B, K, self.vocab)
+            feeds = [r.tokens[r.d_len :] for r in rows]
+            rec.catchup_tokens = sum(len(f) - 1 for f in feeds)
+            h = self._forward(self.drafter, self.dcache, 0, feeds, [r.d_len for r in rows])
+            last = torch.tensor([len(f) - 1 for f in feeds], device=h.device)
+            hl = h[torch.arange(B, device=h.device), last]
+            for r in rows:
+                r.d_len = len(r.tokens)
+            for j in range(K):
+                logits = self.drafter.logits(hl).cpu()
+                lp = process_logits(logits, temp, topk, topp)
+                probs = lp.exp()
+                x = sample_inverse_cdf(probs, u[:, j])
+                x = torch.where(greedy, logits.argmax(-1), x)
+                q[:, j] = probs
+                draft[:, j] = x
+                if j + 1 < K:
+                    start = [len(r.tokens) + j for r in rows]
+                    h = self.drafter(x.view(B, 1).to(dev), torch.tensor(start, device=dev), self.dcache, start)
+                    hl = h[:, 0]
+        rec.draft_s = time.perf_counter() - t_d
+
+        # ---- verify: one target forward over [pending, x_1..x_k]
+        t_v = time.perf_counter()
+        feeds = [[r.tokens[-1]] + draft[i, : ks[i]].tolist() for i, r in enumerate(rows)]
+        h = self._forward(self.model, self.cache, 0, feeds, [r.t_len for r in rows])
+        logits = self.model.logits(h).cpu()  # [B, K+1, V]
+        rec.verify_s = time.perf_counter() - t_v
+
+        # ---- accept / sample
+        t_s = time.perf_counter()
+        K1 = K + 1
+        lp = process_logits(logits.view(B * K1, -1), temp.repeat_interleave(K1), topk.repeat_interleave(K1),
+                            topp.repeat_interleave(K1)).view(B, K1, -1)
+        kt = torch.tensor(ks, dtype=torch.long)
+        j = torch.zeros(B, dtype=torch.long)
+        final = torch.zeros(B, dtype=torch.long)
+        if bool((~greedy).any()):
+            idx = (~greedy).nonzero().flatten()
+            p = lp[idx].exp()
+            qq = q[idx] if q is not None else torch.zeros(len(idx), 0, self.vocab)
+            jj, ff = speculative_accept(p, qq, draft[idx], kt[idx], u[idx, K : 2 * K], u[idx, 2 * K])
+            j[idx], final[idx] = jj, ff
+        if bool(greedy.any()):
+            idx = greedy.nonzero().flatten()
+            jj, ff = greedy_accept(logits[idx].argmax(-1), draft[idx], kt[idx])
+            j[idx], final[idx] = jj, ff
+        # Returned logprobs: the processed target distribution (greedy rows: plain log-softmax, T=1).
+        if bool(greedy.any()):
+            lp = torch.where(greedy.view(B, 1, 1), torch.log_softmax(logits, dim=-1), lp)
+        emitted = torch.cat([draft, torch.zeros(B, 1, dtype=torch.long)], dim=1)
+        emitted[torch.arange(B), j] = final
+        lps_all = lp.gather(2, emitted.unsqueeze(-1)).squeeze(-1).tolist()
+        em_all = emitted.tolist()
+        jl = j.tolist()
+        for i, r in enumerate(rows):
+            n_before = len(r.tokens)
+            emit = em_all[i][: jl[i] + 1]
+            lps = lps_all[i]
+            cnt = 0
+            for tok, lpv in zip(emit, lps):
+                r.tokens.append(tok)
+                r.out.append(tok)
+                r.logprobs.append(lpv)
+                cnt += 1
+                if tok in r.stop_ids:
+                    r.finish = "stop"
+                elif r.remaining(self.max_seq_len) <= 0:
+                    r.finish = "length"
+                if r.finish:
+                    break
+            r.t_len = n_before + jl[i]
+            if ks[i] > 0 or K > 0:
+                r.d_len = min(r.d_len + min(jl[i], max(K - 1, 0)), len(r.tokens))
+            rec.k.append(ks[i])
+            rec.accepted.append(jl[i])
+            rec.emitted.append(cnt)
+        rec.sample_s = time.perf_counter() - t_s
+        self._retire()
+        rec.finished = sum(1 for r in rows if r.finish)
+        rec.seconds = time.perf_counter() - t0
+        return rec
+
+    def _retire(self) -> None:
+        """Remove finished rows, keeping active rows in slots 0..B-1 (move the last row into a hole)."""
+        i = 0
+        while i < len(self.active):
+            r = self.active[i]
+            if not r.finish:
+                i += 1
+                continue
+            self.finished.append(RequestOutput(r.rid, r.prompt, r.out, r.logprobs, r.finish, index=r.index))
+            last = len(self.active) - 1
+            if i != last:
+                m = self.active[last]
+                self.cache.move(last, i, m.t_len)
+                if self.dcache is not None:
+                    self.dcache.move(last, i, m.d_len)
+                self.active[i] = m
+            self.active.pop()
+
+    # ------------------------------------------------------------------ convenience
+    def generate(
+        self,
+        prompts: Iterable[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        plan: PlanLike = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+        raise_on_error: bool = True,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs come back in input order.
+
+        Invalid requests do not stop the others: they get ``finish_reason="error"``; after the
+        valid ones finish, a ``BatchInputError`` (a ValueError) names the bad values and carries
+        all outputs (unless ``raise_on_error=False``).
+        """
+        prompts = list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        results: dict[int, RequestOutput] = {}
+        errors = []
+        for n, (pr, sp) in enumerate(zip(prompts, plist)):
+            try:
+                self.add_request(pr, sp, index=n, request_id=f"gen-{next(self._ids)}")
+            except (ValueError, TypeError) as e:
+                errors.append(f"prompt {n}: {e}")
+                results[n] = RequestOutput(f"invalid-{n}", [], [], [], "error", error=str(e), index=n)
+        while self.has_unfinished():
+            rec = self.step(plan)
+            if on_step is not None:
+                on_step(rec)
+            for o in self.pop_finished():
+                results[o.index] = o
+        outs = [results[n] for n in range(len(prompts))]
+        if errors and raise_on_error:
+            raise BatchInputError("; ".join(errors), outs)
+        return outs
