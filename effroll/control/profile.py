@@ -1,0 +1,120 @@
+"""Versioned controller profiles (``policies/*.json``), written by ``effroll tune``.
+
+    {"schema_version": 1,
+     "hardware": {"cpu": ..., "cores": ..., "system": ..., ...},   # hardware_fingerprint() + extras
+     "model": {"name": ..., "fingerprint": ...},
+     "dtype": "bfloat16", "drafter_recipe": "rtn-int4-g128",
+     "cost_model": CostModel.to_dict(),
+     "fit": {"mape": ..., "sign_accuracy": ..., "n_points": ...},
+     "toggle": {"batch_threshold": ..., "k": ..., "threshold_by_k": {"1": ..., ...}, ...},
+     "created": "2025-01-01T00:00:00+00:00"}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+
+from .cost_model import CostModel
+
+SCHEMA_VERSION = 1
+REQUIRED = {"schema_version": int, "hardware": dict, "model": dict, "dtype": str, "drafter_recipe": str,
+            "cost_model": dict, "fit": dict, "toggle": dict, "created": str}
+
+
+def hardware_fingerprint(**extra) -> dict:
+    """Torch-free description of this machine; callers add accelerator info via ``extra``."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    hw = {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "machine": platform.machine(),
+          "system": platform.system(), "release": platform.release(), "python": platform.python_version()}
+    hw.update(extra)
+    return hw
+
+
+def _model_id(m) -> dict:
+    return {"name": m, "fingerprint": None} if isinstance(m, str) else dict(m)
+
+
+def validate_profile(d, source: str = "<profile>", expect_model=None) -> dict:
+    """Check structure, schema version and (optionally) the model; return ``d``.
+
+    ``expect_model``: a model name, or ``{"name": ..., "fingerprint": ...}``; a mismatch of the name,
+    or of the fingerprint when both sides have one, raises ValueError naming both.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: profile must be a JSON object, got {type(d).__name__}")
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"{source}: profile is missing key(s) {', '.join(missing)}")
+    if d["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"{source}: unsupported schema_version {d['schema_version']!r} "
+                         f"(this effroll reads {SCHEMA_VERSION})")
+    for k, t in REQUIRED.items():
+        if not isinstance(d[k], t) or (t is int and isinstance(d[k], bool)):
+            raise ValueError(f"{source}: {k!r} must be {t.__name__}, got {type(d[k]).__name__}")
+    if not isinstance(d["model"].get("name"), str) or not d["model"]["name"]:
+        raise ValueError(f"{source}: model.name missing or empty")
+    try:
+        CostModel.from_dict(d["cost_model"], prior_weight=0)
+    except ValueError as e:
+        raise ValueError(f"{source}: bad cost_model: {e}") from None
+    if expect_model is not None:
+        want, have = _model_id(expect_model), d["model"]
+        fp_w, fp_h = want.get("fingerprint"), have.get("fingerprint")
+        if want.get("name") != have["name"] or (fp_w and fp_h and fp_w != fp_h):
+            raise ValueError(f"{source}: profile is for model {have['name']!r} (fingerprint {fp_h!r}), "
+                             f"not {want.get('name')!r} (fingerprint {fp_w!r})")
+    return d
+
+
+def load_profile(path, expect_model=None) -> dict:
+    """Read and validate a profile; every problem is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read profile: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON: {e}") from None
+    return validate_profile(d, source=str(path), expect_model=expect_model)
+
+
+def save_profile(profile: dict, path) -> Path:
+    """Validate and write ``profile`` as indented JSON; returns the path."""
+    path = Path(path)
+    validate_profile(profile, source=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def make_profile(cost_model: CostModel, *, model_name: str, model_fingerprint: str | None = None,
+                 dtype: str, drafter_recipe: str, fit: dict | None = None, toggle: dict | None = None,
+                 hardware: dict | None = None) -> dict:
+    """Assemble a schema-v1 profile dict (``fit`` defaults to the model's own window MAPE)."""
+    if fit is None:
+        mape = cost_model.mape()
+        fit = {"mape": None if mape != mape else mape, "sign_accuracy": None,
+               "n_points": cost_model.n_live}
+    return validate_profile({
+        "schema_version": SCHEMA_VERSION,
+        "hardware": hardware if hardware is not None else hardware_fingerprint(),
+        "model": {"name": model_name, "fingerprint": model_fingerprint},
+        "dtype": dtype,
+        "drafter_recipe": drafter_recipe,
+        "cost_model": cost_model.to_dict(),
+        "fit": dict(fit),
+        "toggle": dict(toggle or {}),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
