@@ -185,5 +185,181 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+# ----------------------------------------------------------------------------- drafter-report
+@main.command(name="drafter-report")
+@click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
+@click.option("--recipe", "recipes", multiple=True, required=True, help="Recipe name or TOML path (repeatable).")
+@click.option("--prompts", "n_prompts", type=click.IntRange(1), default=16, show_default=True,
+              help="Fixed prompt set size (chat prompts from `effroll bench`'s generator).")
+@click.option("--tokens", type=click.IntRange(1), default=64, show_default=True, help="Continuation length.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per recipe, one per line.")
+@_user_errors
+def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, as_json) -> None:
+    """Acceptance, KL, weight error, refresh time, size and step time of INT4 drafter recipes."""
+    from .bench import make_workload
+    from .drafter.recipe import load_recipe
+    from .drafter.report import drafter_report
+    from .drafter.sampling import sample_continuations
+    from .rollout import LLM
+
+    for r in recipes:
+        load_recipe(r)  # fail fast on a bad recipe, before loading anything heavy
+    llm = LLM(model_path, recipe=None)
+    prompts = make_workload(llm, n=n_prompts, cap=tokens, seed=seed).prompts
+    conts = sample_continuations(llm.model, prompts, tokens, seed=seed)
+    rows = []
+    for r in recipes:
+        rep = drafter_report(llm.model, r, prompts, n_tokens=tokens, seed=seed, continuations=conts)
+        rows.append(rep)
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool, type(None)))}))
+    if as_json:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"INT4 drafters of {Path(model_path).name} ({n_prompts} prompts x {tokens} tokens, T=1.0)")
+    for col in ("recipe", "acceptance", "KL", "weight err", "refresh s", "bytes vs target", "step vs target"):
+        t.add_column(col, justify="right")
+    for rep in rows:
+        t.add_row(rep["recipe"], f"{rep['acceptance']:.3f}", f"{rep['kl']:.3f}", f"{rep['weight_rel_err']:.3f}",
+                  f"{rep['refresh_s']:.2f}", f"{rep['drafter_bytes'] / rep['target_bytes']:.2f}x",
+                  f"{rep['drafter_step_s'] / rep['target_step_s']:.2f}x")
+    Console().print(t)
+
+
+# ----------------------------------------------------------------------------- verify
+@main.command(name="verify")
+@click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
+@click.option("--engine", "engine_name", type=click.Choice(["torch", "vllm"]), default="torch", show_default=True)
+@click.option("--drafter", default="int4:rtn-sym-g64", show_default=True,
+              help="Checkpoint directory or int4:<recipe>.")
+@click.option("--mode", type=click.Choice(["sd", "adaptive"]), default="sd", show_default=True)
+@click.option("--k", "k", type=click.IntRange(1, 16), default=4, show_default=True)
+@click.option("--prompts", "n_prompts", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--samples", type=click.IntRange(100), default=12000, show_default=True, help="Per side, per prompt.")
+@click.option("--positions", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, positions, max_batch, seed, dtype,
+               as_json) -> None:
+    """Statistical lossless check: speculative path vs AR path of the same engine (exit 1 on failure)."""
+    from .bench import make_workload
+    from .rollout import LLM
+    from .verify import run_verify
+
+    if engine_name == "vllm":
+        try:
+            from .engine.vllm_engine import make_engine_under_test
+        except ImportError as e:
+            raise ValueError(f"--engine vllm is unavailable here: {e}") from None
+        eut, prompts = make_engine_under_test(model_path, drafter=drafter, k=k, n_prompts=n_prompts, seed=seed)
+    else:
+        from .control import Controller
+        from .engine.records import Plan
+        from .verify import TorchEngineUnderTest
+
+        llm = LLM(model_path, recipe=None, max_batch=max_batch, kmax=max(k, 8), dtype=dtype)
+        llm.engine.set_drafter(_load_drafter(drafter, llm.model, dtype, None))
+        factory = (lambda: Plan(k)) if mode == "sd" else (lambda: Controller().plan)
+        eut = TorchEngineUnderTest(llm.engine, factory, name=f"torch-{mode}")
+        prompts = make_workload(llm, n=n_prompts, cap=8, seed=seed).prompts
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,
+                  console=_stderr_console()) as prog:
+        task = prog.add_task("verify", total=None)
+        res = run_verify(eut, prompts, samples=samples, positions=positions, seed=seed,
+                         progress=lambda m: prog.update(task, description=m))
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        for c in res["checks"]:
+            mark = "PASS" if c["passed"] else "FAIL"
+            click.echo(f"{mark}  {c['name']:<16} statistic={c['statistic']:.4g}  threshold={c['threshold']:.4g}"
+                       + (f"  max_tv={c['max_tv']:.4f} (detectable {c['detectable_tv']:.3f})" if "max_tv" in c else ""))
+        click.echo(f"{res['engine']}: {'lossless' if res['passed'] else 'NOT LOSSLESS'}")
+    sys.exit(0 if res["passed"] else 1)
+
+
+# ----------------------------------------------------------------------------- bench
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--k must be a comma-separated list of ints, got {text!r}") from None
+    if not ks or any(k < 1 or k > 16 for k in ks):
+        raise ValueError(f"--k values must be in 1..16, got {text!r}")
+    return ks
+
+
+@main.command(name="bench")
+@click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
+@click.option("--recipe", default="rtn-sym-g64", show_default=True, help="Drafter recipe (quant/*.toml).")
+@click.option("--prompts", "n_prompts", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(4), default=512, show_default=True, help="Cap of the long tail.")
+@click.option("--median-tokens", type=click.IntRange(4), default=None, help="Median response length (default cap/8).")
+@click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--k", "k_text", default="2,4,6", show_default=True, help="Static K ladder to compare.")
+@click.option("--repeats", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--profile", type=click.Path(), default=None, help="Controller profile (policies/*.json).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG of batch size, K, tok/s over time.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@_user_errors
+def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batch, k_text, repeats, temperature,
+              profile, seed, plot, as_json, dtype) -> None:
+    """Long-tail rollout: AR vs static-K speculation vs adaptive, side by side."""
+    from .bench import bench, make_workload, plot_timeline
+    from .rollout import LLM
+
+    ks = _parse_ks(k_text)
+    llm = LLM(model_path, recipe=recipe, max_batch=max_batch, kmax=max(8, max(ks)), dtype=dtype,
+              max_seq_len=None)
+    wl = make_workload(llm, n=n_prompts, cap=max_tokens, temperature=temperature, seed=seed, median=median_tokens)
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,
+                  console=_stderr_console()) as prog:
+        task = prog.add_task("bench", total=None)
+        res = bench(llm, wl, ks, repeats=repeats, progress=lambda m: prog.update(task, description=m),
+                    profile=profile)
+    records = res.pop("_records")
+    if plot:
+        plot_timeline(records, plot, title=f"{Path(model_path).name}: {n_prompts} requests, cap {max_tokens}")
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    _print_bench_table(res)
+
+
+def _print_bench_table(res: dict) -> None:
+    from rich.table import Table
+
+    w = res["workload"]
+    t = Table(title=f"long-tail rollout: {w['requests']} requests, {w['tokens']} tokens, cap {w['max_tokens_cap']}, "
+                    f"max batch {w['max_batch']}, drafter {w['recipe']}, median of {w['repeats']}")
+    for col in ("mode", "wall s [min-max]", "tok/s", "acceptance", "speculated", "toggles", "vs AR"):
+        t.add_column(col, justify="right")
+    for m, r in res.items():
+        if not isinstance(r, dict) or "wall_s" not in r:
+            continue
+        acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
+        t.add_row(m, f"{r['wall_s']:.1f} [{r['wall_s_min']:.1f}-{r['wall_s_max']:.1f}]", f"{r['tok_per_s']:.1f}", acc,
+                  f"{100 * r['speculative_share']:.0f}%", f"{r['toggles']:.0f}",
+                  f"{r.get('speedup_vs_ar', 1.0):.2f}x")
+    from rich.console import Console
+
+    Console().print(t)
+    click.echo(f"adaptive vs AR: {res['speedup_adaptive_vs_ar']:.2f}x faster; "
+               f"adaptive / best static wall time: {res['adaptive_vs_best_static']:.2f}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,142 @@
+"""Drafter report: how good, how big, how fast, and how cheap to refresh a recipe's drafter is.
+
+* acceptance: the mean over positions of ``alpha = sum_x min(p(x), q(x))`` (= 1 - TV(p, q)), the
+  expected probability that speculative sampling accepts one drafted token, with ``p`` the target's
+  and ``q`` the drafter's next-token distribution at temperature 1, on continuations sampled from
+  the target (temperature 1) after a fixed prompt set;
+* kl: the mean of ``KL(p || q) = sum_x p(x) (log p(x) - log q(x))`` over the same positions;
+* weight_rel_err: ``sqrt(sum ||W - W_q||_F^2) / sqrt(sum ||W||_F^2)`` over the quantized linears;
+* refresh_s: wall time of ``derive_drafter`` (steady state: one warm-up derivation runs first);
+* drafter_bytes (excluding tensors shared with the target; ``drafter_bytes_total`` includes them)
+  vs target_bytes;
+* drafter_step_s / target_step_s: median wall time of one batch-1 decode step (forward of one
+  token on a KV cache holding ``context`` tokens, plus the LM head), the two models interleaved.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from effroll.engine.kv_cache import KVCache, full_logits
+
+from .derive import derive_drafter, drafter_nbytes, model_nbytes
+from .gptq import LINEAR_PATHS
+from .int4 import Int4Linear
+from .recipe import Recipe, load_recipe
+from .sampling import sample_continuations
+
+
+@torch.no_grad()
+def acceptance_kl(target, drafter, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> dict[str, float]:
+    """Mean ``sum_x min(p, q)`` and ``KL(p || q)`` over the positions predicting ``seq[starts[i]:]``."""
+    accs, kls = [], []
+    for seq, s in zip(sequences, starts):
+        if len(seq) <= s or s < 1:
+            continue
+        lp = torch.log_softmax(full_logits(target, seq)[s - 1 : len(seq) - 1], -1)
+        lq = torch.log_softmax(full_logits(drafter, seq)[s - 1 : len(seq) - 1], -1)
+        accs.append(torch.minimum(lp, lq).exp().sum(-1))
+        kls.append((lp.exp() * (lp - lq)).sum(-1))
+    if not accs:
+        raise ValueError("acceptance_kl: no positions to evaluate")
+    a, k = torch.cat(accs), torch.cat(kls)
+    return {"acceptance": float(a.mean()), "kl": float(k.mean()), "positions": int(a.numel())}
+
+
+@torch.no_grad()
+def weight_rel_err(target, drafter) -> float:
+    """``sqrt(sum ||W - W_q||^2) / sqrt(sum ||W||^2)`` over the drafter's Int4Linear layers."""
+    num = den = 0.0
+    for i in range(target.cfg.num_layers):
+        for path in LINEAR_PATHS.values():
+            q = drafter.layers[i].get_submodule(path)
+            if isinstance(q, Int4Linear):
+                w = target.layers[i].get_submodule(path).weight.float()
+                num += float((w - q.dequantize()).pow(2).sum())
+                den += float(w.pow(2).sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
+@torch.no_grad()
+def decode_step_seconds(models: Sequence, context: int = 128, iters: int = 16, seed: int = 0) -> list[float]:
+    """Median seconds of a batch-1 decode step (1 token on a ``context``-token KV cache + LM head) per model.
+
+    The models run in interleaved rounds so background load hits them alike.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cfg = models[0].cfg
+    prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=g)
+    states = []
+    for m in models:
+        cache = KVCache(m.cfg, 1, context + iters + 4, m.dtype, m.device)
+        m(prompt.to(m.device), torch.zeros(1, dtype=torch.long, device=m.device), cache, [0])
+        states.append(cache)
+    times: list[list[float]] = [[] for _ in models]
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    for j in range(iters + 2):  # two warm-up rounds
+        for mi, m in enumerate(models):
+            pos = context + j
+            t0 = time.perf_counter()
+            h = m(tok.to(m.device), torch.tensor([pos], device=m.device), states[mi], [pos])
+            m.logits(h[:, -1]).argmax(-1).item()
+            if j >= 2:
+                times[mi].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+_WARM = False
+
+
+def drafter_report(
+    target,
+    recipe: str | Recipe | Mapping[str, Any],
+    prompts: Sequence[Sequence[int]],
+    *,
+    n_tokens: int = 64,
+    seed: int = 0,
+    continuations: Sequence[Sequence[int]] | None = None,
+    hessians: Mapping[str, torch.Tensor] | None = None,
+    calibration: Sequence[Sequence[int]] | None = None,
+    step_context: int = 128,
+    step_iters: int = 16,
+) -> dict[str, Any]:
+    """Derive ``recipe``'s drafter from ``target`` and measure it (see the module docstring).
+
+    Pass the same ``continuations`` (``sample_continuations(target, prompts, n_tokens)``) to compare
+    recipes on identical positions. GPTQ recipes take ``hessians``/``calibration`` as
+    :func:`derive_drafter` does; keep calibration data disjoint from ``prompts`` for honest numbers.
+    """
+    global _WARM
+    recipe = load_recipe(recipe)
+    if not _WARM:  # first derivation in a process pays one-off import/initialisation costs
+        derive_drafter(target, Recipe(name="warmup", group_size=recipe.group_size))
+        _WARM = True
+    drafter = derive_drafter(target, recipe, hessians=hessians, calibration=calibration, seed=seed)
+    if continuations is None:
+        continuations = sample_continuations(target, prompts, n_tokens, seed=seed)
+    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    ak = acceptance_kl(target, drafter, seqs, [len(p) for p in prompts])
+    d_step, t_step = decode_step_seconds([drafter, target], step_context, step_iters, seed)
+    t_bytes = model_nbytes(target)
+    d_bytes, d_total = drafter_nbytes(drafter, True), drafter_nbytes(drafter, False)
+    return {
+        "recipe": recipe.name,
+        "acceptance": ak["acceptance"],
+        "kl": ak["kl"],
+        "positions": ak["positions"],
+        "weight_rel_err": weight_rel_err(target, drafter),
+        "refresh_s": drafter.derive_seconds,
+        "calib_s": drafter.calib_seconds,
+        "drafter_bytes": d_bytes,
+        "drafter_bytes_total": d_total,
+        "target_bytes": t_bytes,
+        "bytes_ratio": d_bytes / t_bytes,
+        "bytes_ratio_total": d_total / t_bytes,
+        "drafter_step_s": d_step,
+        "target_step_s": t_step,
+        "step_speedup": t_step / d_step,
+    }

@@ -1,0 +1,382 @@
+"""The front door: ``LLM`` (a vLLM-style generator over TorchEngine) and ``AdaptiveSpecRollout``.
+
+Wrapping contract
+-----------------
+``AdaptiveSpecRollout(rollout_fn, llm=llm)`` returns a callable with ``rollout_fn``'s signature and
+return value. ``rollout_fn`` generates through ``llm`` (by closure, or as an argument the caller
+passes); for the duration of each call the wrapper points ``llm`` at its planner (``ar``: K=0
+always; ``sd``: fixed K; ``adaptive``: the runtime controller) and collects one telemetry entry.
+``rollout_fn=None`` makes the wrapper call ``llm.generate`` directly. ``update_policy(weights)``
+reloads the target in place and re-derives the INT4 drafter from the new weights.
+
+``LLM.generate(prompts, sampling_params)`` takes vLLM-style inputs (strings, token-id lists or
+``{"prompt_token_ids": [...]}`` dicts; any object with vLLM ``SamplingParams`` attributes) and
+returns vLLM-shaped outputs (``.prompt_token_ids``, ``.outputs[i].token_ids / .logprobs / .text /
+.finish_reason``). ``logprobs`` are plain floats: the target's logprob of each sampled token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .engine.model import Transformer, convert_hf_state_dict, load_state
+from .engine.records import BatchView, Plan, StepRecord
+from .engine.sampling import SamplingParams
+from .engine.torch_engine import TorchEngine
+
+MODES = ("ar", "sd", "adaptive")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+    text: str | None = None
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+
+@dataclass
+class GenerationOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+
+def to_sampling_params(sp: Any, vocab_size: int) -> SamplingParams:
+    """Our SamplingParams from ours, None, a dict, or any object with vLLM SamplingParams attributes."""
+    if sp is None:
+        return SamplingParams()
+    if isinstance(sp, SamplingParams):
+        return sp
+    get = sp.get if isinstance(sp, Mapping) else (lambda k, d=None: getattr(sp, k, d))
+    top_k = get("top_k", 0)
+    stop = get("stop_token_ids", None) or ()
+    out = SamplingParams(
+        temperature=float(get("temperature", 1.0)),
+        top_k=0 if top_k in (None, -1) else top_k,
+        top_p=float(get("top_p", 1.0)),
+        max_tokens=get("max_tokens", 16) or 16,
+        stop_token_ids=tuple(stop),
+        ignore_eos=bool(get("ignore_eos", False)),
+        seed=get("seed", None),
+    )
+    out.validate(vocab_size)
+    return out
+
+
+def _as_internal_state(weights: Any, target: Transformer) -> dict[str, torch.Tensor]:
+    """Accept a Transformer, an HF- or internal-name state dict, or an HF checkpoint directory."""
+    if isinstance(weights, Transformer):
+        return dict(weights.state_dict())
+    if isinstance(weights, (str, Path)):
+        from .checkpoints import read_state_dict
+
+        weights = read_state_dict(weights)
+    if hasattr(weights, "state_dict") and not isinstance(weights, Mapping):
+        weights = weights.state_dict()  # e.g. an HF model from the trainer
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"update_policy expects a state dict, a checkpoint path or a model, got {type(weights).__name__}")
+    if any(k.startswith(("model.", "module.model.")) for k in weights):
+        return convert_hf_state_dict(target.cfg, weights)
+    return dict(weights)
+
+
+class LLM:
+    """Target model + INT4 self-drafter + TorchEngine, with a vLLM-style ``generate``."""
+
+    def __init__(
+        self,
+        model: str | Path | Transformer,
+        *,
+        recipe: str | None = "rtn-sym-g64",
+        drafter: Transformer | None = None,
+        max_batch: int = 32,
+        max_seq_len: int | None = None,
+        kmax: int = 8,
+        dtype: str = "bf16",
+        device: str | None = None,
+        tokenizer: Any = None,
+        hessian_every: int = 4,
+    ):
+        from .checkpoints import load_model, load_tokenizer
+
+        if isinstance(model, Transformer):
+            self.model = model
+        else:
+            self.model = load_model(model, dtype=dtype, device=device)
+            if tokenizer is None:
+                tokenizer = load_tokenizer(model)
+        self.tokenizer = tokenizer
+        self.recipe = recipe
+        self.version = 0
+        self.refresh_s: list[float] = []
+        self.drafter_error: str | None = None
+        self._collector = None
+        self._hessian_every = max(1, int(hessian_every))
+        self._steps = 0
+        if drafter is None and recipe is not None:
+            drafter = self._derive()
+        self.engine = TorchEngine(self.model, drafter, max_batch=max_batch, max_seq_len=max_seq_len, kmax=kmax)
+        self.planner: Plan | Callable[[BatchView], Plan] = Plan(0)
+        self.listeners: list[Callable[[StepRecord], None]] = []
+        if recipe is not None and self._recipe_obj().method == "gptq":
+            from .drafter.gptq import HessianCollector
+
+            # GPTQ calibrates on the policy's own rollouts: the target's verify passes feed X^T X.
+            self._collector = HessianCollector(self.model)
+            self._collector.enabled = False
+
+    # ------------------------------------------------------------------ drafter
+    def _recipe_obj(self):
+        from .drafter.recipe import load_recipe
+
+        return load_recipe(self.recipe)
+
+    def _derive(self) -> Transformer:
+        from .drafter.derive import derive_drafter
+
+        hess = None
+        if self._collector is not None and self._collector.counts:
+            hess = self._collector.hessians()
+        t0 = time.perf_counter()
+        d = derive_drafter(self.model, self.recipe, hessians=hess)
+        self.refresh_s.append(time.perf_counter() - t0)
+        d.policy_version = self.version
+        if self._collector is not None:
+            self._collector.reset()
+        return d
+
+    @property
+    def drafter(self) -> Transformer | None:
+        return self.engine.drafter
+
+    def update_policy(self, weights: Any) -> float:
+        """Load new policy weights in place and re-derive the drafter; returns refresh seconds.
+
+        Invalid weights (missing keys, shape mismatch, NaN/Inf) raise ValueError and change nothing.
+        If only the drafter derivation fails, speculation is switched off with a warning.
+        """
+        if self.engine.has_unfinished():
+            raise RuntimeError("update_policy called while requests are in flight; call it between rollouts")
+        t0 = time.perf_counter()
+        load_state(self.model, _as_internal_state(weights, self.model))
+        self.version += 1
+        self.engine.policy_version = self.version
+        if self.recipe is None:
+            self.engine.set_drafter(None)
+            return time.perf_counter() - t0
+        try:
+            d = self._derive()
+        except Exception as e:  # noqa: BLE001 - any failure must not take rollouts down
+            self.drafter_error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"effroll: drafter derivation failed ({self.drafter_error}); speculation is off", stacklevel=2)
+            self.engine.set_drafter(None)
+        else:
+            self.drafter_error = None
+            self.engine.set_drafter(d)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ generation
+    def _prompt_ids(self, p: Any) -> tuple[str | None, list[int]]:
+        if isinstance(p, Mapping):
+            if "prompt_token_ids" in p:
+                return p.get("prompt"), list(p["prompt_token_ids"])
+            if "prompt" in p:
+                p = p["prompt"]
+            else:
+                raise ValueError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(p)}")
+        if isinstance(p, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompt given but the model has no tokenizer; pass token ids")
+            return p, self.tokenizer.encode(p, add_special_tokens=False)
+        if isinstance(p, (list, tuple)):
+            return None, list(p)
+        raise TypeError(f"unsupported prompt type {type(p).__name__}")
+
+    def _on_step(self, rec: StepRecord) -> None:
+        self._steps += 1
+        if self._collector is not None:
+            self._collector.enabled = self._steps % self._hessian_every == 0
+        for fn in self.listeners:
+            fn(rec)
+
+    def generate(self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = False) -> list[GenerationOutput]:
+        if isinstance(prompts, (str, Mapping)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                   and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        sps = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(sps) != len(prompts):
+            raise ValueError(f"got {len(sps)} sampling params for {len(prompts)} prompts")
+        flat, params, owners = [], [], []
+        results: list[GenerationOutput] = []
+        for i, (p, sp) in enumerate(zip(prompts, sps)):
+            text, ids = self._prompt_ids(p)
+            n = int(getattr(sp, "n", None) or (sp.get("n", 1) if isinstance(sp, Mapping) else 1))
+            base = to_sampling_params(sp, self.model.cfg.vocab_size)
+            results.append(GenerationOutput(f"{i}", text, ids))
+            for j in range(n):
+                s = base if base.seed is None or j == 0 else SamplingParams(**{**base.__dict__, "seed": base.seed + j})
+                flat.append(ids)
+                params.append(s)
+                owners.append((i, j))
+        outs = self.engine.generate(flat, params, plan=self.planner, on_step=self._on_step)
+        for (i, j), o in zip(owners, outs):
+            text = self.tokenizer.decode(o.token_ids) if self.tokenizer is not None else None
+            results[i].outputs.append(CompletionOutput(j, o.token_ids, o.logprobs, o.finish_reason, text))
+        return results
+
+
+# ---------------------------------------------------------------------------- telemetry
+def summarize_steps(records: Sequence[StepRecord], kmax: int = 16) -> dict[str, Any]:
+    """Per-rollout telemetry from its step records."""
+    verified = [0] * (kmax + 1)
+    accepted = [0] * (kmax + 1)
+    khist: Counter = Counter()
+    toggles, prev = 0, None
+    drafts = acc_total = 0
+    for r in records:
+        spec = r.speculative
+        if prev is not None and spec != prev:
+            toggles += 1
+        prev = spec
+        khist[r.max_k] += 1
+        for k, a in zip(r.k, r.accepted):
+            if k <= 0:
+                continue
+            drafts += 1
+            acc_total += a
+            for pos in range(1, min(a + 1, k) + 1):
+                verified[min(pos, kmax)] += 1
+                if pos <= a:
+                    accepted[min(pos, kmax)] += 1
+    per_pos = {str(p): round(accepted[p] / verified[p], 4) for p in range(1, kmax + 1) if verified[p]}
+    nver = sum(verified)
+    return {
+        "steps": len(records),
+        "tokens": sum(r.tokens for r in records),
+        "engine_s": sum(r.seconds + r.prefill_s for r in records),
+        "speculative_share": (sum(r.speculative for r in records) / len(records)) if records else 0.0,
+        "acceptance": (sum(accepted) / nver) if nver else None,
+        "acceptance_per_position": per_pos,
+        "mean_accepted_per_draft": (acc_total / drafts) if drafts else None,
+        "k_histogram": {str(k): v for k, v in sorted(khist.items())},
+        "toggles": toggles,
+    }
+
+
+class AdaptiveSpecRollout:
+    """Wrap a rollout function so its generation runs AR, fixed-K speculative, or adaptive."""
+
+    def __init__(
+        self,
+        rollout_fn: Callable[..., Any] | None = None,
+        *,
+        llm: LLM | None = None,
+        model: str | Path | Transformer | None = None,
+        mode: str = "adaptive",
+        k: int = 4,
+        policy: str = "cost_model",
+        profile: str | Path | dict | None = None,
+        recipe: str | None = "rtn-sym-g64",
+        trace: str | Path | None = None,
+        controller_kwargs: Mapping[str, Any] | None = None,
+        **llm_kwargs: Any,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if rollout_fn is not None and not callable(rollout_fn):
+            raise TypeError(f"rollout_fn must be callable, got {type(rollout_fn).__name__}")
+        if llm is None:
+            if model is None:
+                raise ValueError("AdaptiveSpecRollout needs llm= (an effroll.LLM) or model= (a checkpoint path)")
+            llm = LLM(model, recipe=recipe, **llm_kwargs)
+        self.rollout_fn = rollout_fn
+        self.llm = llm
+        self.mode = mode
+        self.k = min(k, llm.engine.kmax)
+        from .control import Controller
+
+        self.controller = Controller(policy=policy, profile=profile, **dict(controller_kwargs or {}))
+        self.trace_path = Path(trace) if trace else None
+        self.history: list[dict[str, Any]] = []
+        self._records: list[StepRecord] = []
+        self._trace = None
+        if rollout_fn is not None:
+            import functools
+
+            functools.update_wrapper(self, rollout_fn)
+
+    def _planner(self) -> Plan | Callable[[BatchView], Plan]:
+        if self.mode == "ar":
+            return Plan(0)
+        if self.mode == "sd":
+            return Plan(self.k)
+        return self.controller.plan
+
+    def _on_step(self, rec: StepRecord) -> None:
+        self._records.append(rec)
+        if self.mode == "adaptive":
+            self.controller.observe(rec)
+        if self._trace is not None:
+            d = rec.to_dict()
+            d.update(rollout=len(self.history), mode=self.mode)
+            self._trace.write(json.dumps(d) + "\n")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        llm = self.llm
+        saved = (llm.planner, list(llm.listeners))
+        llm.planner = self._planner()
+        llm.listeners.append(self._on_step)
+        self._records = []
+        self._trace = open(self.trace_path, "a") if self.trace_path else None
+        t0 = time.perf_counter()
+        try:
+            fn = self.rollout_fn or llm.generate
+            result = fn(*args, **kwargs)
+        finally:
+            wall = time.perf_counter() - t0
+            llm.planner, llm.listeners = saved
+            if self._trace is not None:
+                self._trace.close()
+                self._trace = None
+        entry = summarize_steps(self._records, llm.engine.kmax)
+        entry.update(mode=self.mode, wall_s=wall, tok_per_s=entry["tokens"] / wall if wall > 0 else 0.0,
+                     policy_version=llm.version)
+        self.history.append(entry)
+        return result
+
+    def update_policy(self, weights_or_path: Any) -> float:
+        """Reload the policy, re-derive the drafter, reset acceptance estimates; returns refresh seconds."""
+        s = self.llm.update_policy(weights_or_path)
+        self.controller.reset_acceptance()
+        return s
+
+    def stats(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "mode": self.mode,
+            "policy_version": self.llm.version,
+            "rollouts": len(self.history),
+            "last": last,
+            "history": list(self.history),
+            "refresh_s": list(self.llm.refresh_s),
+            "drafter_error": self.llm.drafter_error,
+            "controller": self.controller.stats(),
+        }

@@ -1,0 +1,182 @@
+"""AdaptiveSpecRollout: the wrapping contract, losslessness through the wrapper, policy updates."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from effroll.engine.sampling import SamplingParams
+from effroll.rollout import LLM, AdaptiveSpecRollout
+
+from conftest import perturbed_copy, random_model, tiny_config
+from test_engine_distribution import DEPTH, PROMPT, chi_square_pvalue, exact_distribution
+
+
+def make_llm(recipe="rtn-sym-g32", vocab=97, **kw):
+    cfg = tiny_config(vocab=vocab, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                      eos=(1,))
+    target = random_model(cfg, seed=21, std=0.3)
+    return LLM(target, recipe=recipe, max_batch=8, **kw)
+
+
+class VLLMStyleParams:
+    """Duck-typed stand-in for vllm.SamplingParams (top_k=-1 means off, as in vLLM)."""
+
+    def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=16, seed=None):
+        self.n, self.temperature, self.top_p, self.top_k, self.max_tokens, self.seed = n, temperature, top_p, top_k, max_tokens, seed
+
+
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+
+
+def test_wraps_plain_engine_function_and_keeps_signature():
+    llm = make_llm()
+
+    def rollout_fn(prompts, max_tokens=12):
+        """my rollout"""
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
+        return [o.outputs[0].token_ids for o in outs]
+
+    ref = rollout_fn(PROMPTS)
+    for mode in ("ar", "sd", "adaptive"):
+        wrapped = AdaptiveSpecRollout(rollout_fn, llm=llm, mode=mode, k=3)
+        assert wrapped.__name__ == "rollout_fn" and wrapped.__doc__ == "my rollout"
+        assert wrapped(PROMPTS, max_tokens=12) == ref  # greedy: identical across modes
+        st = wrapped.stats()
+        assert st["rollouts"] == 1 and st["last"]["tokens"] == sum(len(x) for x in ref)
+        if mode == "sd":
+            assert st["last"]["speculative_share"] > 0.5 and st["last"]["acceptance"] is not None
+        if mode == "ar":
+            assert st["last"]["speculative_share"] == 0.0
+
+
+def test_wraps_trl_shaped_rollout_func():
+    llm = make_llm()
+
+    def rollout_func(prompts, trainer):
+        sp = VLLMStyleParams(n=2, temperature=1.0, max_tokens=10, seed=3)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
+        return {
+            "prompt_ids": [o.prompt_token_ids for o in outs for _ in o.outputs],
+            "completion_ids": [c.token_ids for o in outs for c in o.outputs],
+            "logprobs": [c.logprobs for o in outs for c in o.outputs],
+        }
+
+    ref = rollout_func(PROMPTS, trainer=None)
+    got = AdaptiveSpecRollout(rollout_func, llm=llm, mode="sd", k=4)(PROMPTS, trainer=None)
+    assert set(got) == {"prompt_ids", "completion_ids", "logprobs"}
+    assert len(got["completion_ids"]) == 2 * len(PROMPTS)
+    assert got["prompt_ids"] == ref["prompt_ids"]
+    assert all(len(c) == len(lp) for c, lp in zip(got["completion_ids"], got["logprobs"]))
+
+
+def test_wraps_vllm_style_function_with_llm_argument():
+    llm = make_llm()
+
+    def rollout(prompts, llm, sampling_params):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, sampling_params)]
+
+    sp = VLLMStyleParams(temperature=0.0, max_tokens=8)
+    wrapped = AdaptiveSpecRollout(rollout, llm=llm, mode="adaptive")
+    assert wrapped(PROMPTS, llm, sp) == rollout(PROMPTS, llm, sp)
+
+
+@pytest.mark.parametrize("mode", ["sd", "adaptive"])
+def test_wrapped_rollouts_are_lossless(tiny_pair, mode):
+    """The engine's exact-distribution test, run through AdaptiveSpecRollout."""
+    target, drafter = tiny_pair
+    llm = LLM(target, recipe=None, drafter=drafter, max_batch=500, kmax=5)
+    params = SamplingParams(temperature=1.0, max_tokens=6)
+    wrapped = AdaptiveSpecRollout(lambda ps: llm.generate(ps, params), llm=llm, mode=mode, k=3)
+    outs = wrapped([PROMPT] * 20_000)
+    counts = {}
+    for o in outs:
+        key = tuple(o.outputs[0].token_ids[:DEPTH])
+        counts[key] = counts.get(key, 0) + 1
+    from collections import Counter
+
+    p = chi_square_pvalue(Counter(counts), exact_distribution(target, PROMPT, params, DEPTH, eos={0}), 20_000)
+    assert p > 1e-3
+    assert wrapped.stats()["last"]["speculative_share"] > 0
+
+
+def test_update_policy_refreshes_drafter_and_keeps_state_on_bad_weights():
+    llm = make_llm()
+    rollout = AdaptiveSpecRollout(lambda p: llm.generate(p, SamplingParams(max_tokens=4)), llm=llm, mode="sd")
+    rollout(PROMPTS)
+    old_drafter = llm.drafter
+    new = {k: v + 0.05 * torch.randn_like(v) if "norm" not in k else v for k, v in llm.model.state_dict().items()}
+    secs = rollout.update_policy(new)
+    assert secs > 0 and llm.version == 1 and llm.drafter is not old_drafter
+    assert llm.drafter.policy_version == 1
+    assert torch.equal(llm.model.layers[0].attn.qkv.weight, new["layers.0.attn.qkv.weight"])
+    assert llm.drafter.embed.weight is llm.model.embed.weight  # shared by reference
+    before = llm.model.layers[0].mlp.down.weight.clone()
+    bad = dict(new)
+    bad["layers.0.mlp.down.weight"] = torch.full_like(before, float("inf"))
+    with pytest.raises(ValueError, match="layers.0.mlp.down.weight"):
+        rollout.update_policy(bad)
+    assert torch.equal(llm.model.layers[0].mlp.down.weight, before) and llm.version == 1
+    missing = {k: v for k, v in new.items() if k != "norm.weight"}
+    with pytest.raises(ValueError, match="missing key 'norm.weight'"):
+        rollout.update_policy(missing)
+    with pytest.raises(TypeError, match="update_policy expects"):
+        rollout.update_policy(42)
+    rollout(PROMPTS)  # still works
+    assert rollout.stats()["rollouts"] == 2
+
+
+def test_update_policy_from_hf_names_and_derivation_failure_turns_speculation_off(monkeypatch):
+    llm = make_llm()
+    import effroll.drafter.derive as derive
+
+    def boom(*a, **kw):
+        raise RuntimeError("simulated quantizer failure")
+
+    monkeypatch.setattr(derive, "derive_drafter", boom)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        llm.update_policy(llm.model.state_dict())
+    assert llm.drafter is None and "simulated quantizer failure" in llm.drafter_error
+    assert any("speculation is off" in str(x.message) for x in w)
+    out = AdaptiveSpecRollout(lambda p: llm.generate(p, SamplingParams(max_tokens=5)), llm=llm, mode="sd")(PROMPTS)
+    assert len(out) == len(PROMPTS)
+
+
+def test_trace_and_stats(tmp_path):
+    llm = make_llm()
+    path = tmp_path / "trace.jsonl"
+    rollout = AdaptiveSpecRollout(lambda p: llm.generate(p, SamplingParams(max_tokens=6)), llm=llm, mode="adaptive",
+                                  trace=path)
+    rollout(PROMPTS)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines and all({"step", "k", "accepted", "seconds", "rollout", "mode"} <= set(x) for x in lines)
+    st = rollout.stats()
+    assert {"history", "refresh_s", "controller", "last"} <= set(st)
+    assert {"wall_s", "tokens", "tok_per_s", "acceptance_per_position", "speculative_share", "k_histogram",
+            "toggles"} <= set(st["last"])
+
+
+def test_bad_arguments():
+    llm = make_llm(recipe=None)
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        AdaptiveSpecRollout(None, llm=llm, mode="fast")
+    with pytest.raises(ValueError, match="policy"):
+        AdaptiveSpecRollout(None, llm=llm, policy="magic")
+    with pytest.raises(ValueError, match="k must be an int >= 1, got 0"):
+        AdaptiveSpecRollout(None, llm=llm, k=0)
+    with pytest.raises(ValueError, match="needs llm="):
+        AdaptiveSpecRollout(None)
+    with pytest.raises(TypeError, match="rollout_fn must be callable"):
+        AdaptiveSpecRollout(42, llm=llm)
+
+
+def test_profile_errors(tmp_path):
+    llm = make_llm(recipe=None)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        AdaptiveSpecRollout(None, llm=llm, profile=bad)

