@@ -71,9 +71,9 @@ def test_unsupported_configs_are_rejected():
         ModelConfig.from_hf({"model_type": "gpt2"})
     with pytest.raises(ValueError, match="sliding"):
         ModelConfig.from_hf(dict(transformers.MistralConfig(sliding_window=16).to_dict()))
-    with pytest.raises(ValueError, match="rope"):
-        cfg = ModelConfig.from_hf(transformers.LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}).to_dict())
-        Transformer(cfg)
+    small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(ValueError, match="unsupported rope scaling 'dynamic'"):
+        ModelConfig.from_hf(transformers.LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **small).to_dict())
 
 
 def test_load_state_validates_before_copying():

@@ -66,6 +66,11 @@ class ModelConfig:
             scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
         if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3"):
+            raise ValueError(
+                f"unsupported rope scaling {scaling.get('rope_type', scaling.get('type'))!r} "
+                "(supported: default, linear, llama3)"
+            )
         if mt in ("mistral", "qwen2", "qwen3"):
             sw = hf.get("sliding_window")
             if sw and hf.get("use_sliding_window", mt == "mistral"):
@@ -246,13 +251,13 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        inv, self.rope_attn_scale = rope_inv_freq(cfg)  # validates the RoPE variant before allocating
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        inv, self.rope_attn_scale = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv, persistent=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
