@@ -249,6 +249,7 @@ def test_hessian_collector_matches_layer_inputs():
     with HessianCollector(m) as hc:
         cache = KVCache(cfg, 1, 8, m.dtype, "cpu")
         m(ids, torch.zeros(1, dtype=torch.long), cache, [0])
+        assert hc.counts["layers.0.attn.o"] == 5 and not hc.sums  # buffered (flush_rows=256), counted
         H = hc.hessians()
     assert set(H) == {linear_name(i, k) for i in range(2) for k in ("qkv", "o", "gate_up", "down")}
     x = m.layers[0].attn_norm(m.embed(ids))[0]
@@ -259,7 +260,7 @@ def test_hessian_collector_matches_layer_inputs():
         for ctx in (torch.inference_mode, torch.no_grad, torch.no_grad, torch.no_grad):
             with ctx():
                 m(ids, torch.zeros(1, dtype=torch.long), KVCache(cfg, 1, 8, m.dtype, "cpu"), [0])
-        assert hc2.tokens == 10
+        assert hc2.tokens == 10 and hc2.counts["layers.1.mlp.down"] == 10  # buffered rows count too
         torch.testing.assert_close(hc2.hessians()["layers.0.attn.qkv"], H["layers.0.attn.qkv"])
     # hooks are gone after the context
     m(ids, torch.zeros(1, dtype=torch.long), KVCache(cfg, 1, 8, m.dtype, "cpu"), [0])

