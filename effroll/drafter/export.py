@@ -297,7 +297,6 @@ def _hf_tensors(model: Transformer, fmt: str | None, g2: int, symmetric: bool):
     return sd, unquantized, max_err, nq, head_mode, tied
 
 
-
 # ----------------------------------------------------------------------------- main entry
 
 
@@ -335,8 +334,7 @@ def export_drafter(
     cfg = model.cfg
     g2 = checkpoint_group_size(model)
     int4s = [m for layer in model.layers for m in (layer.get_submodule(p) for p in _OUR_PATH.values()) if _is_int4(m)]
-    first = int4s[0].quantized_weight()
-    g = first.group_size
+    g = int4s[0].group_size
     symmetric = all(bool((m.scales_zeros()[1] == 0).all()) for m in int4s)
     if fmt == "auto":
         fmt = "gptq" if symmetric else "compressed-tensors"
