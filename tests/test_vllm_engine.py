@@ -28,19 +28,7 @@ except Exception as e:
 needs_vllm = pytest.mark.skipif(not _VLLM, reason=_WHY)
 
 
-def vllm_tiny(seed: int = 0) -> Transformer:
-    cfg = ModelConfig(vocab_size=1024, hidden_size=320, intermediate_size=640, num_layers=2, num_heads=5,
-                      num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      max_position_embeddings=512, tie_word_embeddings=True, eos_token_ids=(2,), bos_token_id=1)
-    g = torch.Generator().manual_seed(seed)
-    m = Transformer(cfg)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.15 if "embed" in n else 0.08))
-            else:
-                p.copy_(0.8 + 0.4 * torch.rand(p.shape, generator=g))
-    return m.to(torch.bfloat16).eval().requires_grad_(False)
+from test_vllm_export import vllm_tiny  # noqa: E402  (one tiny vLLM-compatible model for both files)
 
 
 # ----------------------------------------------------------------------------- schedules (no vllm needed)
