@@ -357,7 +357,7 @@ def _print_bench_table(res: dict) -> None:
     from rich.console import Console
 
     Console().print(t)
-    click.echo(f"adaptive vs AR: {res['speedup_adaptive_vs_ar']:.2f}x faster; "
+    click.echo(f"adaptive vs AR speed: {res['speedup_adaptive_vs_ar']:.2f}x (>1 = faster); "
                f"adaptive / best static wall time: {res['adaptive_vs_best_static']:.2f}")
 
 
