@@ -306,7 +306,7 @@ def test_derive_shares_tensors_and_matches_target(tied):
     assert 0.05 < weight_rel_err(target, d) < 0.12
     assert float((lt - ld).norm() / lt.norm()) < 0.4
     assert float((lt - full_logits(tiny_model(cfg, seed=11), ids)).norm() / lt.norm()) > 1.0  # vs unrelated
-    assert _acc(target, d) > 0.75
+    assert _acc(target, d) > 0.8
     # shared means live: an in-place update of the target's embedding is seen by the drafter
     with torch.no_grad():
         target.embed.weight[3] += 1.0
@@ -337,7 +337,7 @@ def test_derive_bf16_target_and_lm_head_modes():
         assert isinstance(d.lm_head, cls) and d.embed.weight is target.embed.weight
         assert "lm_head.weight" not in d.shared_names
         assert drafter_nbytes(d) > drafter_nbytes(base)  # the quantized head is the drafter's own
-        assert _acc(target, d) > 0.8
+        assert _acc(target, d) > 0.75  # int4 head on a 64-wide toy model: ~0.79-0.82 depending on the samples
     # leaving linears out shares them with the target
     d = derive_drafter(target, {"group_size": 64, "linears": ["qkv", "gate_up"]})
     assert d.layers[0].attn.o.weight is target.layers[0].attn.o.weight

@@ -64,3 +64,16 @@ def test_verify_cli_json_and_exit_code(tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["passed"] and len(out["checks"]) == 3
+
+
+def test_verify_cli_vllm_engine_without_vllm_is_a_clear_error(tmp_path):
+    from effroll.cli import main
+    from effroll.engine.vllm_engine import vllm_available
+
+    from test_cli_generate import save_tiny_checkpoint
+
+    if vllm_available()[0]:
+        pytest.skip("vllm is importable here: the refusal path does not apply")
+    t = save_tiny_checkpoint(tmp_path / "t", seed=0, vocab=64)
+    res = CliRunner().invoke(main, ["verify", "--model", str(t), "--engine", "vllm"])
+    assert res.exit_code == 2 and "--engine vllm: vllm is not importable" in res.output, res.output
