@@ -126,8 +126,6 @@ class LLM:
         self.refresh_s: list[float] = []
         self.drafter_error: str | None = None
         self._collector = None
-        self._hessian_every = max(1, int(hessian_every))
-        self._steps = 0
         if drafter is None and recipe is not None:
             drafter = self._derive()
         self.engine = TorchEngine(self.model, drafter, max_batch=max_batch, max_seq_len=max_seq_len, kmax=kmax)
@@ -137,8 +135,7 @@ class LLM:
             from .drafter.gptq import HessianCollector
 
             # GPTQ calibrates on the policy's own rollouts: the target's verify passes feed X^T X.
-            self._collector = HessianCollector(self.model)
-            self._collector.enabled = False
+            self._collector = HessianCollector(self.model, sample_every=max(1, int(hessian_every)))
 
     # ------------------------------------------------------------------ drafter
     def _recipe_obj(self):
@@ -208,9 +205,6 @@ class LLM:
         raise TypeError(f"unsupported prompt type {type(p).__name__}")
 
     def _on_step(self, rec: StepRecord) -> None:
-        self._steps += 1
-        if self._collector is not None:
-            self._collector.enabled = self._steps % self._hessian_every == 0
         for fn in self.listeners:
             fn(rec)
 

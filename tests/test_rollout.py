@@ -180,3 +180,13 @@ def test_profile_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         AdaptiveSpecRollout(None, llm=llm, profile=bad)
+
+
+def test_gptq_recipe_calibrates_on_its_own_rollouts():
+    llm = make_llm(recipe="gptq-sym-g128")
+    assert llm._collector is not None and llm._collector.tokens == 0
+    llm.generate([[5, 6, 7]] * 4, SamplingParams(max_tokens=16))
+    assert llm._collector.tokens > 0  # the target's verification forwards fed X^T X
+    llm.update_policy(llm.model.state_dict())
+    assert llm.drafter is not None and llm.drafter_error is None
+    assert llm._collector.tokens == 0  # consumed by the refresh
