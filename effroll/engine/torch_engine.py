@@ -263,9 +263,14 @@ class TorchEngine:
         if B == 0:
             return rec
         t0 = time.perf_counter()
+        # Never draft with a drafter derived from another policy version (unversioned drafters pass):
+        # the step runs AR and says so; whoever owns the drafter re-derives it (AdaptiveSpecRollout).
+        dv = getattr(self.drafter, "policy_version", self.policy_version)
+        if self.drafter is not None and dv != self.policy_version:
+            rec.events.append(f"stale_drafter: drafter from policy v{dv}, target at v{self.policy_version}; AR step")
         ks = []
         for r in rows:
-            k = plan.k_for(r.rid) if self.drafter is not None else 0
+            k = plan.k_for(r.rid) if self.drafter is not None and dv == self.policy_version else 0
             ks.append(max(0, min(k, self.kmax, r.remaining(self.max_seq_len) - 1)))
         K = max(ks)
         dev = self.model.device
