@@ -299,17 +299,80 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
     sys.exit(0 if res["passed"] else 1)
 
 
-# ----------------------------------------------------------------------------- bench
-def _parse_ks(text: str) -> list[int]:
+# ----------------------------------------------------------------------------- tune
+def _parse_ints(text: str, flag: str, lo: int = 1, hi: int = 4096) -> list[int]:
     try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
+        xs = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--k must be a comma-separated list of ints, got {text!r}") from None
-    if not ks or any(k < 1 or k > 16 for k in ks):
-        raise ValueError(f"--k values must be in 1..16, got {text!r}")
-    return ks
+        raise ValueError(f"{flag} must be a comma-separated list of ints, got {text!r}") from None
+    if not xs or any(x < lo or x > hi for x in xs):
+        raise ValueError(f"{flag} values must be in {lo}..{hi}, got {text!r}")
+    return xs
 
 
+@main.command(name="tune")
+@click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
+@click.option("--drafter-recipe", "recipe", default="rtn-sym-g64", show_default=True, help="Drafter recipe (quant/*.toml).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile to write (policies/NAME.json).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: measured and predicted speedup vs B.")
+@click.option("--budget-s", type=click.FloatRange(1), default=300, show_default=True,
+              help="Stop starting new grid cells after this many seconds.")
+@click.option("--batch-sizes", default=",".join(map(str, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))), show_default=True)
+@click.option("--context-lens", default="64,256,640", show_default=True)
+@click.option("--k", "k_text", default="1,2,3,4,6,8", show_default=True, help="K ladder.")
+@click.option("--holdout", default=None, help="Held-out batch sizes (default: every other interior one).")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True, help="Measurements per point.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the evaluation as one JSON object.")
+@_user_errors
+def tune_cmd(model_path, recipe, out, plot, budget_s, batch_sizes, context_lens, k_text, holdout, rounds, seed,
+             dtype, as_json) -> None:
+    """Sweep B x K x L on this machine, fit the step-time model, write a controller profile."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .checkpoints import load_model, load_tokenizer
+    from .control.profile import save_profile
+    from .drafter.derive import derive_drafter
+    from .drafter.recipe import load_recipe
+    from .tune import Grid, tune
+
+    grid = Grid(batch_sizes=tuple(_parse_ints(batch_sizes, "--batch-sizes")),
+                context_lens=tuple(_parse_ints(context_lens, "--context-lens")),
+                ks=tuple(_parse_ints(k_text, "--k", hi=16)), rounds=rounds,
+                holdout=None if holdout is None else tuple(_parse_ints(holdout, "--holdout")))
+    model = load_model(model_path, dtype=dtype)
+    rec = load_recipe(recipe)
+    drafter = derive_drafter(model.state_dict(), rec, target=model)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} cells"),
+                  TimeElapsedColumn(), console=_stderr_console(), transient=True) as prog:
+        task = prog.add_task("tune", total=len(grid.batch_sizes) * len(grid.context_lens))
+        profile, report = tune(model, drafter, recipe=rec.name, grid=grid, tokenizer=load_tokenizer(model_path),
+                               budget_s=budget_s, seed=seed, plot_path=plot,
+                               progress=lambda d, n, tot: prog.update(task, completed=n, description=f"tune {d}"))
+    path = save_profile(profile, out)
+    h, t = report["heldout"], report["toggle"]
+    if as_json:
+        click.echo(json.dumps({"profile": str(path), "plot": plot, "acceptance": report["acceptance"],
+                               "heldout": h, "train": report["train"], "toggle": t,
+                               "sweep_seconds": report["sweep_seconds"]}))
+        return
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    click.echo(f"swept {len(grid.batch_sizes) * len(grid.context_lens) - len(report['skipped'])} cells in "
+               f"{report['sweep_seconds']:.0f} s; acceptance a = {report['acceptance']:.3f}")
+    click.echo(f"held-out batch sizes {profile['fit']['holdout_batch_sizes']}: step-time MAPE {pct(h['mape'])} "
+               f"per point ({pct(h['mape_steps'])} per step), toggle sign accuracy {pct(h['sign_accuracy'])} "
+               f"over {h.get('n_sign', 0)} points")
+    click.echo(f"toggle: speculate for B <= {t['batch_threshold']}; K by batch size {t['k_by_batch']}")
+    if plot:
+        click.echo(f"plot: {plot}")
+    click.echo(str(path))
+
+
+# ----------------------------------------------------------------------------- bench
 @main.command(name="bench")
 @click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
 @click.option("--recipe", default="rtn-sym-g64", show_default=True, help="Drafter recipe (quant/*.toml).")
@@ -325,14 +388,15 @@ def _parse_ks(text: str) -> list[int]:
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG of batch size, K, tok/s over time.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--audit", is_flag=True, help="Run the online lossless audit (default rates) in the speculative modes.")
 @_user_errors
 def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batch, k_text, repeats, temperature,
-              profile, seed, plot, as_json, dtype) -> None:
+              profile, seed, plot, as_json, dtype, audit) -> None:
     """Long-tail rollout: AR vs static-K speculation vs adaptive, side by side."""
     from .bench import bench, make_workload, plot_timeline
     from .rollout import LLM
 
-    ks = _parse_ks(k_text)
+    ks = _parse_ints(k_text, "--k", hi=16)
     llm = LLM(model_path, recipe=recipe, max_batch=max_batch, kmax=max(8, max(ks)), dtype=dtype,
               max_seq_len=None)
     wl = make_workload(llm, n=n_prompts, cap=max_tokens, temperature=temperature, seed=seed, median=median_tokens)
@@ -342,7 +406,7 @@ def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batc
                   console=_stderr_console()) as prog:
         task = prog.add_task("bench", total=None)
         res = bench(llm, wl, ks, repeats=repeats, progress=lambda m: prog.update(task, description=m),
-                    profile=profile)
+                    profile=profile, audit=audit)
     records = res.pop("_records")
     if plot:
         plot_timeline(records, plot, title=f"{Path(model_path).name}: {n_prompts} requests, cap {max_tokens}")
@@ -352,13 +416,21 @@ def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batc
     _print_bench_table(res)
 
 
+def _checks_cell(r: dict) -> str:
+    """Watchdog and audit overhead (share of wall time), their events, and an audit failure."""
+    au = f"{100 * r['audit_overhead']:.2f}%" if r.get("audit_overhead") is not None else "off"
+    cell = f"{100 * r['watchdog_overhead']:.2f}% / {au}, {r['events']} events"
+    return cell + " AUDIT FAILED" if (r.get("audit") or {}).get("failed") else cell
+
+
 def _print_bench_table(res: dict) -> None:
     from rich.table import Table
 
     w = res["workload"]
     t = Table(title=f"long-tail rollout: {w['requests']} requests, {w['tokens']} tokens, cap {w['max_tokens_cap']}, "
                     f"max batch {w['max_batch']}, drafter {w['recipe']}, median of {w['repeats']}")
-    for col in ("mode", "wall s [min-max]", "tok/s", "acceptance", "speculated", "toggles", "vs AR"):
+    for col in ("mode", "wall s [min-max]", "tok/s", "acceptance", "speculated", "toggles", "vs AR",
+                "checks: watchdog / audit"):
         t.add_column(col, justify="right")
     for m, r in res.items():
         if not isinstance(r, dict) or "wall_s" not in r:
@@ -366,7 +438,7 @@ def _print_bench_table(res: dict) -> None:
         acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
         t.add_row(m, f"{r['wall_s']:.1f} [{r['wall_s_min']:.1f}-{r['wall_s_max']:.1f}]", f"{r['tok_per_s']:.1f}", acc,
                   f"{100 * r['speculative_share']:.0f}%", f"{r['toggles']:.0f}",
-                  f"{r.get('speedup_vs_ar', 1.0):.2f}x")
+                  f"{r.get('speedup_vs_ar', 1.0):.2f}x", _checks_cell(r))
     from rich.console import Console
 
     Console().print(t)

@@ -305,8 +305,15 @@ class AdaptiveSpecRollout:
         self.llm = llm
         self.mode = mode
         self.k = min(k, llm.engine.kmax)
-        from .control import Controller
+        from .control import Controller, load_profile, validate_profile
 
+        if profile is not None:
+            profile = load_profile(profile) if isinstance(profile, (str, Path)) else validate_profile(profile)
+            fp = profile["model"].get("fingerprint")
+            if fp and fp != llm.model.fingerprint():
+                raise ValueError(f"profile is for model {profile['model']['name']!r} (fingerprint {fp}), not this "
+                                 f"model {getattr(llm.model, 'name', None)!r} (fingerprint "
+                                 f"{llm.model.fingerprint()}); run `effroll tune` for it")
         self.controller = Controller(policy=policy, profile=profile, **dict(controller_kwargs or {}))
         self.trace_path = Path(trace) if trace else None
         self.history: list[dict[str, Any]] = []

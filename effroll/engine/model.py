@@ -269,6 +269,16 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    def fingerprint(self) -> str:
+        """Architecture + dtype + device type (not the weights: a tuned profile stays valid across policy updates)."""
+        import hashlib
+        import json
+
+        c = self.cfg
+        arch = [c.model_type, c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads,
+                c.num_kv_heads, c.head_dim, str(self.dtype), self.device.type]
+        return hashlib.sha1(json.dumps(arch).encode()).hexdigest()[:16]
+
     def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_cache is None or self._rope_cache[0].shape[0] < n or self._rope_cache[0].device != self.device:
             t = torch.arange(max(n, 256), dtype=torch.float32, device=self.device)
