@@ -596,14 +596,23 @@ class VLLMEngine:
 @dataclass
 class VLLMEngineUnderTest:
     """Adapter for :func:`effroll.verify.run_verify` (``effroll verify --engine vllm``): the speculative path
-    is the engine's schedule at K = kmax, the AR path K = 0. ``reference_logprobs`` are the target's
+    is K = kmax (at temperature > 0 too, even where :attr:`VLLMEngine.spec_sampling_ok` is False), the AR
+    path K = 0. ``reference_logprobs`` are the target's
     prompt logprobs from a fresh vLLM prefill (valid for temperature 0 and 1, no top-k/top-p)."""
 
     engine: VLLMEngine
     name: str = "vllm"
 
     def generate(self, prompts, params, speculative):
-        return self.engine.generate(prompts, params, plan=self.engine.kmax if speculative else 0)
+        eng = self.engine
+        if not speculative:
+            return eng.generate(prompts, params, plan=0)
+        # verify the speculative path itself: with spec_sampling_ok False, generate() would quietly run AR
+        saved, eng.spec_sampling_ok = eng.spec_sampling_ok, True
+        try:
+            return eng.generate(prompts, params, plan=eng.kmax)
+        finally:
+            eng.spec_sampling_ok = saved
 
     def reference_logprobs(self, prompt, tokens, params):
         from vllm import SamplingParams as VSP
