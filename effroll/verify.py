@@ -47,19 +47,25 @@ class TorchEngineUnderTest:
         return self.engine.generate(prompts, params, plan=plan)
 
     def reference_logprobs(self, prompt, tokens, params):
-        import torch
+        return reference_logprobs(self.engine.model, prompt, tokens, params)
 
-        from .engine.kv_cache import full_logits
-        from .engine.sampling import process_logits
 
-        logits = full_logits(self.engine.model, list(prompt) + list(tokens))[len(prompt) - 1 : -1]
-        n = logits.shape[0]
-        if params.temperature == 0:
-            lp = torch.log_softmax(logits, -1)
-        else:
-            lp = process_logits(logits, torch.full((n,), float(params.temperature)), torch.full((n,), params.top_k),
-                                torch.full((n,), float(params.top_p)))
-        return lp[torch.arange(n), torch.tensor(tokens)].tolist()
+def reference_logprobs(model: Any, prompt: Sequence[int], tokens: Sequence[int], params: SamplingParams) -> list[float]:
+    """The target's logprobs of ``tokens`` after ``prompt`` under ``params``' processing, from a fresh
+    full-sequence forward (no KV cache): the reference every engine path must reproduce."""
+    import torch
+
+    from .engine.kv_cache import full_logits
+    from .engine.sampling import process_logits
+
+    logits = full_logits(model, list(prompt) + list(tokens))[len(prompt) - 1 : -1]
+    n = logits.shape[0]
+    if params.temperature == 0:
+        lp = torch.log_softmax(logits, -1)
+    else:
+        lp = process_logits(logits, torch.full((n,), float(params.temperature)), torch.full((n,), params.top_k),
+                            torch.full((n,), float(params.top_p)))
+    return lp[torch.arange(n), torch.tensor(list(tokens))].tolist()
 
 
 def chi2_homogeneity(a: Counter, b: Counter, min_expected: float = 5.0) -> tuple[float, float, int]:
