@@ -68,9 +68,9 @@ def make_workload(llm: LLM, n: int = 64, cap: int = 512, temperature: float = 1.
 
 
 def run_mode(llm: LLM, wl: Workload, mode: str, k: int = 4, controller_kwargs: dict | None = None,
-             profile=None, on_step: Callable[[StepRecord], None] | None = None) -> dict[str, Any]:
+             profile=None, on_step: Callable[[StepRecord], None] | None = None, audit: bool = False) -> dict[str, Any]:
     wrapped = AdaptiveSpecRollout(None, llm=llm, mode=mode, k=k, profile=profile,
-                                  controller_kwargs=controller_kwargs)
+                                  controller_kwargs=controller_kwargs, audit=audit)
     records: list[StepRecord] = []
     if on_step is not None:
         llm.listeners.append(on_step)
@@ -87,11 +87,14 @@ def run_mode(llm: LLM, wl: Workload, mode: str, k: int = 4, controller_kwargs: d
     s = summarize_steps(records, llm.engine.kmax)
     return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "acceptance": s["acceptance"],
             "speculative_share": s["speculative_share"], "toggles": s["toggles"], "k_histogram": s["k_histogram"],
-            "steps": s["steps"], "records": records, "controller": wrapped.controller.stats() if mode == "adaptive" else None}
+            "steps": s["steps"], "records": records, "controller": wrapped.controller.stats() if mode == "adaptive" else None,
+            # watchdog / audit: seconds spent in them as a share of wall time, and what they reported
+            "overhead": {k: v / wall for k, v in wrapped.guard_s.items()},
+            "events": sum(len(r.events) for r in records), "audit": wrapped.stats()["audit"]}
 
 
 def bench(llm: LLM, wl: Workload, ks: list[int], repeats: int = 1, progress: Callable[[str], None] | None = None,
-          profile=None) -> dict[str, Any]:
+          profile=None, audit: bool = False) -> dict[str, Any]:
     modes = ["ar"] + [f"sd_k{k}" for k in ks] + ["adaptive"]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(repeats):
@@ -101,13 +104,13 @@ def bench(llm: LLM, wl: Workload, ks: list[int], repeats: int = 1, progress: Cal
             if m == "ar":
                 runs[m].append(run_mode(llm, wl, "ar"))
             elif m.startswith("sd_k"):
-                runs[m].append(run_mode(llm, wl, "sd", k=int(m[4:])))
+                runs[m].append(run_mode(llm, wl, "sd", k=int(m[4:]), audit=audit))
             else:
-                runs[m].append(run_mode(llm, wl, "adaptive", profile=profile))
+                runs[m].append(run_mode(llm, wl, "adaptive", profile=profile, audit=audit))
     out: dict[str, Any] = {"workload": {"requests": len(wl.prompts), "tokens": wl.tokens,
                                         "max_tokens_cap": max(p.max_tokens for p in wl.params),
                                         "max_batch": llm.engine.max_batch, "repeats": repeats,
-                                        "recipe": llm.recipe}}
+                                        "recipe": llm.recipe, "audit": audit}}
     for m in modes:
         walls = [x["wall_s"] for x in runs[m]]
         best = runs[m][walls.index(statistics.median(walls))] if len(walls) % 2 else runs[m][0]
@@ -117,7 +120,10 @@ def bench(llm: LLM, wl: Workload, ks: list[int], repeats: int = 1, progress: Cal
                   "acceptance": statistics.median(acc) if acc else None,
                   "speculative_share": statistics.median(x["speculative_share"] for x in runs[m]),
                   "toggles": statistics.median(x["toggles"] for x in runs[m]),
-                  "k_histogram": best["k_histogram"]}
+                  "k_histogram": best["k_histogram"],
+                  "watchdog_overhead": statistics.median(x["overhead"]["watchdog"] for x in runs[m]),
+                  "audit_overhead": statistics.median(x["overhead"]["audit"] for x in runs[m]) if audit else None,
+                  "events": best["events"], "audit": best["audit"]}
         out.setdefault("_records", {})[m] = best["records"]
     ar = out["ar"]["wall_s"]
     for m in modes[1:]:

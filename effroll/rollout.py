@@ -9,6 +9,15 @@ always; ``sd``: fixed K; ``adaptive``: the runtime controller) and collects one 
 ``rollout_fn=None`` makes the wrapper call ``llm.generate`` directly. ``update_policy(weights)``
 reloads the target in place and re-derives the INT4 drafter from the new weights.
 
+Health checks: ``watchdog=True`` (default; a dict passes options to ``control.watchdog.Watchdog``)
+checks the first speculative steps after every ``update_policy`` and at the start of every rollout;
+a collapsed acceptance re-derives the drafter from the current weights once, and if that does not
+help, speculation is off for the rest of the rollout (one warning, a ``watchdog_disable`` event).
+The engine itself never drafts with a drafter whose ``policy_version`` differs from the target's
+(it runs the step AR with a ``stale_drafter`` event; the watchdog then re-derives). ``audit=True``
+(opt-in; a dict passes options to ``audit.LosslessAudit``) runs the online lossless audit. Both show
+up in ``stats()``, in each history entry (``events``, ``guard_s``) and in the JSONL trace (``events``).
+
 ``LLM.generate(prompts, sampling_params)`` takes vLLM-style inputs (strings, token-id lists or
 ``{"prompt_token_ids": [...]}`` dicts; any object with vLLM ``SamplingParams`` attributes) and
 returns vLLM-shaped outputs (``.prompt_token_ids``, ``.outputs[i].token_ids / .logprobs / .text /
@@ -27,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .audit import LosslessAuditError
 from .engine.model import Transformer, convert_hf_state_dict, load_state
 from .engine.records import BatchView, Plan, StepRecord
 from .engine.sampling import SamplingParams
@@ -175,17 +185,29 @@ class LLM:
         self.engine.policy_version = self.version
         if self.recipe is None:
             self.engine.set_drafter(None)
-            return time.perf_counter() - t0
+        else:
+            self._install_drafter()
+        return time.perf_counter() - t0
+
+    def rederive_drafter(self) -> bool:
+        """Derive the drafter again from the *current* policy weights (the watchdog's repair; safe between
+        engine steps). Returns False, with speculation off, when there is no recipe or derivation fails."""
+        if self.recipe is None:
+            self.drafter_error = "no drafter recipe to re-derive from"
+            return False
+        return self._install_drafter()
+
+    def _install_drafter(self) -> bool:
         try:
             d = self._derive()
         except Exception as e:  # noqa: BLE001 - any failure must not take rollouts down
             self.drafter_error = f"{type(e).__name__}: {e}"
-            warnings.warn(f"effroll: drafter derivation failed ({self.drafter_error}); speculation is off", stacklevel=2)
+            warnings.warn(f"effroll: drafter derivation failed ({self.drafter_error}); speculation is off", stacklevel=3)
             self.engine.set_drafter(None)
-        else:
-            self.drafter_error = None
-            self.engine.set_drafter(d)
-        return time.perf_counter() - t0
+            return False
+        self.drafter_error = None
+        self.engine.set_drafter(d)
+        return True
 
     # ------------------------------------------------------------------ generation
     def _prompt_ids(self, p: Any) -> tuple[str | None, list[int]]:
@@ -266,11 +288,21 @@ def summarize_steps(records: Sequence[StepRecord], kmax: int = 16) -> dict[str, 
         "engine_s": sum(r.seconds + r.prefill_s for r in records),
         "speculative_share": (sum(r.speculative for r in records) / len(records)) if records else 0.0,
         "acceptance": (sum(accepted) / nver) if nver else None,
+        "verified_positions": nver,
         "acceptance_per_position": per_pos,
         "mean_accepted_per_draft": (acc_total / drafts) if drafts else None,
         "k_histogram": {str(k): v for k, v in sorted(khist.items())},
         "toggles": toggles,
     }
+
+
+def _options(name: str, value: Any) -> dict[str, Any]:
+    """``True`` (defaults) or a mapping of keyword arguments for the watchdog / audit."""
+    if value is True:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{name} must be True, False or a dict of options, got {value!r}")
 
 
 class AdaptiveSpecRollout:
@@ -289,6 +321,8 @@ class AdaptiveSpecRollout:
         recipe: str | None = "rtn-sym-g64",
         trace: str | Path | None = None,
         controller_kwargs: Mapping[str, Any] | None = None,
+        watchdog: bool | Mapping[str, Any] = True,
+        audit: bool | Mapping[str, Any] = False,
         **llm_kwargs: Any,
     ):
         if mode not in MODES:
@@ -315,6 +349,18 @@ class AdaptiveSpecRollout:
                                  f"model {getattr(llm.model, 'name', None)!r} (fingerprint "
                                  f"{llm.model.fingerprint()}); run `effroll tune` for it")
         self.controller = Controller(policy=policy, profile=profile, **dict(controller_kwargs or {}))
+        from .control.watchdog import Watchdog
+
+        # Health checks (effroll/control/watchdog.py, effroll/audit.py): watchdog on by default, audit opt-in.
+        self.watchdog = Watchdog(**_options("watchdog", watchdog)) if watchdog is not False else None
+        if audit is not False:
+            from .audit import LosslessAudit
+
+            self.audit = LosslessAudit(**_options("audit", audit))
+        else:
+            self.audit = None
+        self.guard_s = {"watchdog": 0.0, "audit": 0.0}  # seconds spent in the checks (overhead)
+        self._warned: set[str] = set()
         self.trace_path = Path(trace) if trace else None
         self.history: list[dict[str, Any]] = []
         self._records: list[StepRecord] = []
@@ -327,14 +373,59 @@ class AdaptiveSpecRollout:
     def _planner(self) -> Plan | Callable[[BatchView], Plan]:
         if self.mode == "ar":
             return Plan(0)
-        if self.mode == "sd":
-            return Plan(self.k)
-        return self.controller.plan
+        base = Plan(self.k) if self.mode == "sd" else self.controller.plan
+
+        def plan(view: BatchView) -> Plan:
+            if (self.watchdog is not None and self.watchdog.disabled) or (self.audit is not None and self.audit.failed):
+                return Plan(0)
+            p = base if isinstance(base, Plan) else base(view)
+            if self.audit is not None and p.speculative:
+                t0 = time.perf_counter()
+                p = self.audit.assign(view, p)
+                self.guard_s["audit"] += time.perf_counter() - t0
+            return p
+
+        return plan
+
+    def _check(self, rec: StepRecord) -> None:
+        """Watchdog and audit after one step; their events go into the step record (and so the trace)."""
+        wd, au = self.watchdog, self.audit
+        t0 = time.perf_counter()
+        if wd is not None and self.mode != "ar":
+            action = wd.observe(rec)
+            if action == "rederive":
+                if self.llm.rederive_drafter():
+                    wd.rederived(self.llm.version)
+                    self.controller.reset_acceptance()
+                else:
+                    action = wd.give_up(rec.step, f"re-derivation failed: {self.llm.drafter_error}")
+            if action == "disable":
+                self._warn("watchdog", f"effroll watchdog: drafter acceptance collapsed and re-deriving it from "
+                                       f"the current policy did not restore it ({wd.events[-1]['detail']}); "
+                                       f"speculation is off for the rest of this rollout")
+            rec.events.extend(wd.pending)
+            wd.pending.clear()
+        t1 = time.perf_counter()
+        if au is not None and self.mode != "ar":
+            msg = au.observe(rec, self.llm.engine)
+            if msg is not None:
+                rec.events.append(f"audit_failed: {msg}; speculation is off")
+                if au.on_failure == "ar":
+                    self._warn("audit", f"effroll lossless audit failed: {msg}; falling back to AR decoding")
+        t2 = time.perf_counter()
+        self.guard_s["watchdog"] += t1 - t0
+        self.guard_s["audit"] += t2 - t1
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned:  # one warning per kind and rollout
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _on_step(self, rec: StepRecord) -> None:
         self._records.append(rec)
         if self.mode == "adaptive":
             self.controller.observe(rec)
+        self._check(rec)
         if self._trace is not None:
             d = rec.to_dict()
             d.update(rollout=len(self.history), mode=self.mode)
@@ -346,6 +437,13 @@ class AdaptiveSpecRollout:
         llm.planner = self._planner()
         llm.listeners.append(self._on_step)
         self._records = []
+        self._warned = set()
+        if self.watchdog is not None:
+            self.watchdog.arm("rollout start", llm.version)
+        if self.audit is not None:
+            self.audit.start_rollout()
+        audit_failed = self.audit is not None and self.audit.failed
+        guard0 = dict(self.guard_s)
         self._trace = open(self.trace_path, "a") if self.trace_path else None
         t0 = time.perf_counter()
         try:
@@ -359,14 +457,24 @@ class AdaptiveSpecRollout:
                 self._trace = None
         entry = summarize_steps(self._records, llm.engine.kmax)
         entry.update(mode=self.mode, wall_s=wall, tok_per_s=entry["tokens"] / wall if wall > 0 else 0.0,
-                     policy_version=llm.version)
+                     policy_version=llm.version,
+                     events=[e for r in self._records for e in r.events],
+                     guard_s={k: v - guard0[k] for k, v in self.guard_s.items()})
+        if self.watchdog is not None:
+            self.watchdog.end_rollout(entry["acceptance"], entry["verified_positions"])
         self.history.append(entry)
+        if self.audit is not None and self.audit.failed and not audit_failed and self.audit.on_failure == "raise":
+            raise LosslessAuditError(f"effroll lossless audit failed: {self.audit.failure}; the rollout finished in "
+                                     f"AR after the detection (its result is in .result) and speculation stays off",
+                                     result=result, stats=self.stats())
         return result
 
     def update_policy(self, weights_or_path: Any) -> float:
         """Reload the policy, re-derive the drafter, reset acceptance estimates; returns refresh seconds."""
         s = self.llm.update_policy(weights_or_path)
         self.controller.reset_acceptance()
+        if self.watchdog is not None:
+            self.watchdog.arm("update_policy", self.llm.version)
         return s
 
     def stats(self) -> dict[str, Any]:
@@ -380,4 +488,7 @@ class AdaptiveSpecRollout:
             "refresh_s": list(self.llm.refresh_s),
             "drafter_error": self.llm.drafter_error,
             "controller": self.controller.stats(),
+            "watchdog": self.watchdog.stats() if self.watchdog is not None else None,
+            "audit": self.audit.stats() if self.audit is not None else None,
+            "guard_s": dict(self.guard_s),
         }

@@ -151,20 +151,21 @@ def test_negative_control_broken_acceptance_is_detected(tiny_pair, monkeypatch):
     assert chi_square_pvalue(counts, exact, N_SAMPLES) < ALPHA
 
 
+def no_residual(p, q, draft, k, u_accept, u_final):
+    """A broken ``speculative_accept``: after a rejection it resamples from p instead of the residual."""
+    B, kmax1, V = p.shape
+    kmax = kmax1 - 1
+    px = p[:, :kmax].gather(2, draft.unsqueeze(-1)).squeeze(-1)
+    qx = q.gather(2, draft.unsqueeze(-1)).squeeze(-1)
+    ok = (u_accept * qx < px) & (torch.arange(kmax).view(1, -1) < k.view(-1, 1))
+    j = ok.long().cumprod(-1).sum(-1)
+    return j, sampling_mod.sample_inverse_cdf(p[torch.arange(B), j], u_final)
+
+
 def test_negative_control_wrong_residual_is_detected(tiny_pair, monkeypatch):
     """Resampling from p instead of normalize(max(0, p - q)) after a rejection is biased."""
     target, drafter = tiny_pair
     params = SamplingParams(temperature=1.0, max_tokens=6)
-
-    def no_residual(p, q, draft, k, u_accept, u_final):
-        B, kmax1, V = p.shape
-        kmax = kmax1 - 1
-        px = p[:, :kmax].gather(2, draft.unsqueeze(-1)).squeeze(-1)
-        qx = q.gather(2, draft.unsqueeze(-1)).squeeze(-1)
-        ok = (u_accept * qx < px) & (torch.arange(kmax).view(1, -1) < k.view(-1, 1))
-        j = ok.long().cumprod(-1).sum(-1)
-        return j, sampling_mod.sample_inverse_cdf(p[torch.arange(B), j], u_final)
-
     monkeypatch.setattr("effroll.engine.torch_engine.speculative_accept", no_residual)
     exact = exact_distribution(target, PROMPT, params, DEPTH, eos={0})
     counts, _ = sample_engine(target, drafter, params, Plan(3), n=N_SAMPLES)

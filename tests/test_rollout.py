@@ -15,11 +15,11 @@ from conftest import perturbed_copy, random_model, tiny_config
 from test_engine_distribution import DEPTH, PROMPT, chi_square_pvalue, exact_distribution
 
 
-def make_llm(recipe="rtn-sym-g32", vocab=97, **kw):
+def make_llm(recipe="rtn-sym-g32", vocab=97, max_batch=8, **kw):
     cfg = tiny_config(vocab=vocab, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
                       eos=(1,))
     target = random_model(cfg, seed=21, std=0.3)
-    return LLM(target, recipe=recipe, max_batch=8, **kw)
+    return LLM(target, recipe=recipe, max_batch=max_batch, **kw)
 
 
 class VLLMStyleParams:
