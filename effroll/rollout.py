@@ -105,6 +105,20 @@ def _as_internal_state(weights: Any, target: Transformer) -> dict[str, torch.Ten
     return dict(weights)
 
 
+def _pin_drafter(drafter: Transformer, target: Transformer) -> None:
+    """Give ``drafter`` private copies of the tensors it shares with ``target`` (embedding, norms, shared
+    head), so loading new target weights in place leaves the drafter exactly as it was. Idempotent."""
+    own = {id(p) for p in target.parameters()}
+    copies: dict[int, torch.nn.Parameter] = {}
+    for name, p in list(drafter.named_parameters(remove_duplicate=False)):
+        if id(p) in own:
+            if id(p) not in copies:
+                copies[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            mod, _, attr = name.rpartition(".")
+            setattr(drafter.get_submodule(mod), attr, copies[id(p)])
+    drafter.shared_names = []
+
+
 class LLM:
     """Target model + INT4 self-drafter + TorchEngine, with a vLLM-style ``generate``."""
 
@@ -171,18 +185,31 @@ class LLM:
     def drafter(self) -> Transformer | None:
         return self.engine.drafter
 
-    def update_policy(self, weights: Any) -> float:
+    def update_policy(self, weights: Any, *, keep_drafter: bool = False) -> float:
         """Load new policy weights in place and re-derive the drafter; returns refresh seconds.
 
         Invalid weights (missing keys, shape mismatch, NaN/Inf) raise ValueError and change nothing.
         If only the drafter derivation fails, speculation is switched off with a warning.
+        ``keep_drafter=True`` deliberately keeps the current drafter as it is (e.g. the never-refreshed
+        baseline of an experiment): it gets private copies of the tensors it shared with the target, so
+        it stays exactly the old drafter, and it is re-stamped with the new ``policy_version`` because
+        the caller explicitly approved it for this policy (``drafter.pinned_from`` keeps the version
+        it was derived for). Sampling stays lossless; only acceptance can suffer.
         """
         if self.engine.has_unfinished():
             raise RuntimeError("update_policy called while requests are in flight; call it between rollouts")
         t0 = time.perf_counter()
-        load_state(self.model, _as_internal_state(weights, self.model))
+        state = _as_internal_state(weights, self.model)
+        kept = self.engine.drafter if keep_drafter else None
+        if kept is not None:
+            _pin_drafter(kept, self.model)
+            kept.pinned_from = getattr(kept, "pinned_from", kept.policy_version)
+        load_state(self.model, state)
         self.version += 1
         self.engine.policy_version = self.version
+        if kept is not None:
+            kept.policy_version = self.version
+            return time.perf_counter() - t0
         if self.recipe is None:
             self.engine.set_drafter(None)
         else:
@@ -469,9 +496,10 @@ class AdaptiveSpecRollout:
                                      result=result, stats=self.stats())
         return result
 
-    def update_policy(self, weights_or_path: Any) -> float:
-        """Reload the policy, re-derive the drafter, reset acceptance estimates; returns refresh seconds."""
-        s = self.llm.update_policy(weights_or_path)
+    def update_policy(self, weights_or_path: Any, *, keep_drafter: bool = False) -> float:
+        """Reload the policy, re-derive the drafter (``keep_drafter=True``: keep the old one, see
+        ``LLM.update_policy``), reset acceptance estimates; returns refresh seconds."""
+        s = self.llm.update_policy(weights_or_path, keep_drafter=keep_drafter)
         self.controller.reset_acceptance()
         if self.watchdog is not None:
             self.watchdog.arm("update_policy", self.llm.version)
