@@ -1,0 +1,272 @@
+"""GRPO with TRL's ``GRPOTrainer``, every rollout through ``AdaptiveSpecRollout``.
+
+How it fits together (one optimizer step):
+
+1. TRL draws ``prompts_per_step`` problems, repeats each ``group_size`` times and calls our
+   ``rollout_func(prompts, trainer)`` (TRL's hook for custom generation, experimental in TRL 1.x).
+   That function is wrapped by ``AdaptiveSpecRollout``: it tokenizes with the chat template and calls
+   ``llm.generate`` (our embedded TorchEngine, bf16), which runs AR, fixed-K speculative or adaptive
+   under the wrapper's planner, and returns completions with the target's per-token logprobs.
+2. TRL scores the completions (``correctness_reward``: the final number equals the answer), normalises
+   rewards per group (``scale_rewards="group"``), recomputes the policy's logprobs with the HF model
+   it trains (fp32) and takes one AdamW step on the clipped-ratio GRPO loss (TRL's default ``dapo``
+   token normalisation; ``beta=0``: no KL to a reference, as TRL's default).
+3. Our callback (``GRPOTelemetry``) then calls ``rollout.update_policy(model.state_dict())``: the
+   engine's target is reloaded in place and the INT4 drafter re-derived (``sd-stale``: the step-0
+   drafter is kept, ``keep_drafter=True``), and writes one JSONL record per step.
+
+Why TRL fits here (no vLLM, no network, 2-core CPU): with ``rollout_func`` TRL never generates
+itself, so it needs neither vLLM nor a GPU; the model and tokenizer are passed as objects (nothing is
+fetched); the HF model trains in fp32 on CPU (``use_cpu=True``, ``bf16=False``, no gradient
+checkpointing). The rollout logprobs are returned as TRL asks, but without vLLM TRL uses them only
+for logging: with one generation per optimizer step (``steps_per_generation`` = gradient accumulation
+steps, ``num_iterations=1``) its "old" logprobs are the detached current ones, so the ratio is 1 at
+the first micro-batch and clipping acts only through the later micro-batches of the same step.
+The engine samples in bf16 while TRL trains fp32 master weights; the policy the engine runs is the
+bf16 rounding of those weights (the usual trainer/inference-engine split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..engine.sampling import SamplingParams
+from ..rollout import LLM, AdaptiveSpecRollout
+from .tasks import correctness_reward
+
+MODES = ("ar", "sd", "sd-stale", "adaptive")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    return mode
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """Token ids of a prompt: chat messages get the chat template (with the assistant header), text is encoded."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt, add_special_tokens=False))
+    ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False)
+    return [int(t) for t in ids]
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """Seed of completion ``index`` at optimizer step ``step``: the same in every mode."""
+    return zlib.crc32(f"{seed}:{step}:{index}".encode())
+
+
+def make_rollout_func(llm: LLM, tokenizer: Any, *, max_tokens: int, temperature: float = 1.0,
+                      seed: int = 0) -> Callable[..., dict[str, list]]:
+    """A TRL ``rollout_func(prompts, trainer)``: one completion per (already repeated) prompt.
+
+    Returns ``prompt_ids``, ``completion_ids`` and ``logprobs`` (the target's logprob of every
+    sampled token). Seeds depend on (``seed``, optimizer step, position in the batch) only.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+    calls = [0]
+
+    def rollout_func(prompts: Sequence[Any], trainer: Any = None) -> dict[str, list]:
+        step = trainer.state.global_step if trainer is not None else calls[0]
+        calls[0] += 1
+        ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+        params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=sample_seed(seed, step, i))
+                  for i in range(len(ids))]
+        outs = llm.generate([{"prompt_token_ids": x} for x in ids], params)
+        comps = [o.outputs[0] for o in outs]
+        return {"prompt_ids": ids, "completion_ids": [c.token_ids for c in comps],
+                "logprobs": [c.logprobs for c in comps]}
+
+    return rollout_func
+
+
+def build_rollout(llm: LLM, mode: str, rollout_func: Callable[..., Any], *, k: int = 4) -> AdaptiveSpecRollout:
+    """The wrapper for a run mode: ``sd-stale`` is fixed-K ``sd`` whose drafter is never refreshed (the
+    watchdog, which would re-derive a decaying drafter, is off there: staleness is the point)."""
+    check_mode(mode)
+    if mode == "sd-stale":
+        return AdaptiveSpecRollout(rollout_func, llm=llm, mode="sd", k=k, watchdog=False)
+    return AdaptiveSpecRollout(rollout_func, llm=llm, mode=mode, k=k)
+
+
+class StepLog:
+    """What the last optimizer step generated and scored, for the step record.
+
+    ``rollout_func`` is what TRL calls (it calls the wrapped rollout and keeps the completion
+    lengths); ``reward_func`` is the TRL reward function: ``reward`` (default: exact-answer
+    correctness), keeping the rewards it returns.
+    """
+
+    def __init__(self, rollout: AdaptiveSpecRollout, reward: Callable[..., list[float]] = correctness_reward) -> None:
+        self.rollout = rollout
+        self.lengths: list[int] = []
+        self.rewards: list[float] = []
+
+        def reward_func(completions: Sequence[Any], **kw: Any) -> list[float]:
+            self.rewards = [float(r) for r in reward(completions, **kw)]
+            return self.rewards
+
+        reward_func.__name__ = getattr(reward, "__name__", "reward")  # TRL logs rewards/<name>
+        self.reward_func = reward_func
+
+    def rollout_func(self, prompts: Sequence[Any], trainer: Any = None) -> dict[str, list]:
+        res = self.rollout(prompts, trainer)
+        self.lengths = [len(c) for c in res["completion_ids"]]
+        return res
+
+
+def token_digest(seqs: Sequence[Sequence[int]]) -> str:
+    return hashlib.sha1(json.dumps([list(s) for s in seqs]).encode()).hexdigest()[:12]
+
+
+class GreedyProbe:
+    """Greedy rollouts of a few fixed prompts, AR and speculative, at the current policy.
+
+    ``check()`` returns ``(identical, digest)``: whether fixed-K speculation with the run's current
+    drafter (fresh or stale) reproduced AR's tokens exactly (None when the run has no drafter), and a
+    digest of AR's tokens (equal across runs that share a policy, e.g. at step 0).
+    """
+
+    def __init__(self, llm: LLM, prompt_ids: Sequence[Sequence[int]], mode: str, *, max_tokens: int, k: int = 4):
+        self.prompt_ids = [list(p) for p in prompt_ids]
+        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+        def greedy(ps):
+            return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], sp)]
+
+        self.llm = llm
+        self.ar = AdaptiveSpecRollout(greedy, llm=llm, mode="ar")
+        # fixed K in every mode: speculation on at every step is the strictest identity check
+        self.spec = AdaptiveSpecRollout(greedy, llm=llm, mode="sd", k=k, watchdog=check_mode(mode) != "sd-stale")
+
+    def check(self) -> tuple[bool | None, str]:
+        ref = self.ar(self.prompt_ids)
+        same = None if self.llm.drafter is None else self.spec(self.prompt_ids) == ref
+        return same, token_digest(ref)
+
+
+def _try_import_trl():
+    try:
+        from trl import GRPOConfig, GRPOTrainer  # noqa: F401
+        from transformers import TrainerCallback  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the GRPO experiment needs TRL: pip install 'effroll[rl]'") from e
+
+
+def make_telemetry_callback(log: StepLog, mode: str, *, out: str | Path | None = None,
+                            probe: GreedyProbe | None = None, progress: bool = True):
+    """A transformers ``TrainerCallback`` that syncs the policy into the engine after every optimizer
+    step, times the step and writes one JSONL record per step (and TRL's own logs) to ``out``."""
+    _try_import_trl()
+    from transformers import TrainerCallback
+
+    keep = check_mode(mode) == "sd-stale"
+    rollout = log.rollout
+
+    class GRPOTelemetry(TrainerCallback):
+        def __init__(self) -> None:
+            self.records: list[dict[str, Any]] = []
+            self.path = Path(out) if out is not None else None
+            self._t0 = 0.0
+            self._bar = None
+
+        def _write(self, rec: dict[str, Any]) -> None:
+            if self.path is not None:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+        def on_train_begin(self, args, state, control, **kw):
+            if progress:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=state.max_steps, desc=f"GRPO {mode}", unit="step")
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            refresh = rollout.update_policy(model.state_dict(), keep_drafter=keep)
+            step_s = time.perf_counter() - self._t0
+            last = rollout.history[-1] if rollout.history else {}
+            llm = rollout.llm
+            derived = llm.drafter is not None and getattr(llm.drafter, "pinned_from", None) is None
+            rec = {
+                "kind": "step", "mode": mode, "step": state.global_step, "policy_version": llm.version,
+                "rollout_wall_s": last.get("wall_s"), "step_s": step_s, "refresh_s": refresh,
+                "derive_s": llm.refresh_s[-1] if derived and llm.refresh_s else None,
+                "train_s": step_s - (last.get("wall_s") or 0.0) - refresh,
+                "tokens": last.get("tokens"), "tok_per_s": last.get("tok_per_s"),
+                "acceptance": last.get("acceptance"), "acceptance_per_position": last.get("acceptance_per_position"),
+                "speculative_share": last.get("speculative_share"), "k_histogram": last.get("k_histogram"),
+                "toggles": last.get("toggles"), "events": last.get("events", []),
+                "drafter_from_version": None if llm.drafter is None else getattr(
+                    llm.drafter, "pinned_from", llm.drafter.policy_version),
+            }
+            rec["rewards"], rec["lengths"] = list(log.rewards), list(log.lengths)
+            rec["reward_mean"] = sum(log.rewards) / len(log.rewards) if log.rewards else None
+            if probe is not None:  # outside the timed step
+                t = time.perf_counter()
+                rec["greedy_identical"], rec["greedy_digest"] = probe.check()
+                rec["probe_s"] = time.perf_counter() - t
+            self.records.append(rec)
+            self._write(rec)
+            if self._bar is not None:
+                self._bar.update(1)
+                acc = rec["acceptance"]
+                self._bar.set_postfix(reward=f"{rec.get('reward_mean') or 0.0:.2f}",
+                                      rollout=f"{rec['rollout_wall_s'] or 0:.1f}s", step=f"{step_s:.1f}s",
+                                      acc="-" if acc is None else f"{acc:.2f}")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self._write({"kind": "trl_log", "mode": mode, "step": state.global_step, **(logs or {})})
+
+        def on_train_end(self, args, state, control, **kw):
+            if self._bar is not None:
+                self._bar.close()
+
+    return GRPOTelemetry()
+
+
+def build_trainer(model: Any, tokenizer: Any, log: StepLog, dataset: Any, *, callbacks: Sequence[Any] = (),
+                  group_size: int = 4, prompts_per_step: int = 8, micro_batch: int = 8, max_tokens: int = 96, steps: int = 10,
+                  lr: float = 1e-5, beta: float = 0.0, epsilon: float = 0.2, temperature: float = 1.0,
+                  bf16: bool = True, seed: int = 0, output_dir: str | Path = "grpo_trainer", **config_overrides: Any):
+    """TRL ``GRPOTrainer`` for this experiment: CPU, one generation per optimizer step, fp32 master weights
+    with bf16 autocast (``bf16=False``: plain fp32; autocast measured ~1.6x faster per forward+backward
+    here), our callbacks instead of TRL's progress printing."""
+    _try_import_trl()
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    for name, v in (("group_size", group_size), ("prompts_per_step", prompts_per_step),
+                    ("micro_batch", micro_batch), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (GRPO normalises rewards within a group), got {group_size}")
+    batch = group_size * prompts_per_step
+    if batch % micro_batch:
+        raise ValueError(f"micro_batch {micro_batch} must divide prompts_per_step x group_size = {batch}")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    cfg = dict(
+        output_dir=str(output_dir), use_cpu=True, bf16=bf16, fp16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=micro_batch, gradient_accumulation_steps=batch // micro_batch,
+        num_generations=group_size, max_completion_length=max_tokens, temperature=temperature,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+        beta=beta, epsilon=epsilon, scale_rewards="group", num_iterations=1, max_steps=steps, seed=seed,
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    cfg.update(config_overrides)
+    trainer = GRPOTrainer(model=model, reward_funcs=[log.reward_func], args=GRPOConfig(**cfg), train_dataset=dataset,
+                          processing_class=tokenizer, rollout_func=log.rollout_func, callbacks=list(callbacks))
+    for cb in (ProgressCallback, PrinterCallback):  # our telemetry callback draws the bar and logs to JSONL
+        trainer.remove_callback(cb)
+    return trainer
