@@ -105,7 +105,7 @@ def _as_internal_state(weights: Any, target: Transformer) -> dict[str, torch.Ten
     return dict(weights)
 
 
-def _pin_drafter(drafter: Transformer, target: Transformer) -> None:
+def pin_drafter(drafter: Transformer, target: Transformer) -> None:
     """Give ``drafter`` private copies of the tensors it shares with ``target`` (embedding, norms, shared
     head), so loading new target weights in place leaves the drafter exactly as it was. Idempotent."""
     own = {id(p) for p in target.parameters()}
@@ -202,7 +202,7 @@ class LLM:
         state = _as_internal_state(weights, self.model)
         kept = self.engine.drafter if keep_drafter else None
         if kept is not None:
-            _pin_drafter(kept, self.model)
+            pin_drafter(kept, self.model)
             kept.pinned_from = getattr(kept, "pinned_from", kept.policy_version)
         load_state(self.model, state)
         self.version += 1
