@@ -147,13 +147,15 @@ def _trainer(tiny_ckpt, mode, tmp_path, lr=1e-2):
     import datasets
     from transformers import AutoModelForCausalLM
 
-    from effroll.rl.grpo import StepLog, build_rollout, build_trainer, make_rollout_func, make_telemetry_callback
+    from effroll.rl.grpo import (DrafterDrift, StepLog, build_rollout, build_trainer, make_rollout_func,
+                                 make_telemetry_callback)
 
     llm = tiny_llm(tiny_ckpt, recipe=None if mode == "ar" else "rtn-sym-g32")
     rollout = build_rollout(llm, mode, make_rollout_func(llm, llm.tokenizer, max_tokens=10, seed=1), k=3)
     log = StepLog(rollout, reward=varied_reward)
     policy = AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32)
-    cb = make_telemetry_callback(log, mode, out=tmp_path / "log.jsonl", progress=False)
+    log.drift = DrafterDrift(llm, recipe="rtn-sym-g32")
+    cb = make_telemetry_callback(log, mode, out=tmp_path / "log.jsonl", drift=log.drift, group_size=4, progress=False)
     trainer = build_trainer(policy, llm.tokenizer, log, datasets.Dataset.from_list(make_problems(8, seed=2)),
                             callbacks=[cb], group_size=4, prompts_per_step=2, micro_batch=4, max_tokens=10,
                             steps=1, lr=lr, seed=0, output_dir=tmp_path / "trainer")
@@ -206,3 +208,7 @@ def test_optimizer_step_syncs_policy_and_refreshes_or_keeps_drafter(tiny_ckpt, t
     assert rec["step_s"] >= rec["rollout_wall_s"] > 0 and rec["refresh_s"] > 0
     assert rec["drafter_from_version"] == (1 if mode == "sd" else 0)
     assert (rec["derive_s"] is not None) == (mode == "sd")
+    # drift scoring ran on the step's rollouts under the policy that sampled them: both drafters from v0
+    assert rec["accept_fresh"] == rec["accept_step0"] and 0 < rec["accept_fresh"] < 1 and rec["positions"] > 0
+    moved = log.drift.measure(log.last, every=4)  # now under v1: the step-0 drafter is the stale one
+    assert moved["accept_fresh"] > moved["accept_step0"]

@@ -108,6 +108,7 @@ class StepLog:
         self.rollout = rollout
         self.lengths: list[int] = []
         self.rewards: list[float] = []
+        self.last: dict[str, list] = {}
 
         def reward_func(completions: Sequence[Any], **kw: Any) -> list[float]:
             self.rewards = [float(r) for r in reward(completions, **kw)]
@@ -118,6 +119,7 @@ class StepLog:
 
     def rollout_func(self, prompts: Sequence[Any], trainer: Any = None) -> dict[str, list]:
         res = self.rollout(prompts, trainer)
+        self.last = res
         self.lengths = [len(c) for c in res["completion_ids"]]
         return res
 
@@ -152,6 +154,44 @@ class GreedyProbe:
         return same, token_digest(ref)
 
 
+class DrafterDrift:
+    """Paired drafter quality: the fresh drafter (derived from the current policy) and the step-0
+    drafter (derived before training, pinned), scored on the same sequences: this step's own
+    rollouts, under the policy that sampled them.
+
+    ``measure(res, every)`` scores every ``every``-th (prompt, completion) of a rollout result
+    (``every`` = group size: one completion per prompt) with ``acceptance_kl`` (expected acceptance
+    ``sum_x min(p, q)`` at temperature 1, and KL) and returns ``accept_fresh``, ``accept_step0``,
+    ``kl_fresh``, ``kl_step0``, ``positions``. It runs in every mode (AR runs derive the drafters
+    only for this), outside the timed step.
+    """
+
+    def __init__(self, llm: LLM, recipe: str | None = None, max_sequences: int = 8):
+        from ..drafter.derive import derive_drafter
+        from ..rollout import pin_drafter
+
+        self.llm, self.recipe, self.max_sequences = llm, recipe or llm.recipe, max_sequences
+        if self.recipe is None:
+            raise ValueError("DrafterDrift needs a drafter recipe (the LLM has none: pass recipe=)")
+        self.step0 = derive_drafter(llm.model, self.recipe)
+        pin_drafter(self.step0, llm.model)
+
+    def measure(self, res: dict[str, list], every: int = 1) -> dict[str, float]:
+        from ..drafter.derive import derive_drafter
+        from ..drafter.report import acceptance_kl
+
+        cur = self.llm.drafter
+        fresh = cur if cur is not None and getattr(cur, "pinned_from", None) is None else derive_drafter(
+            self.llm.model, self.recipe)
+        idx = list(range(0, len(res["prompt_ids"]), max(1, every)))[: self.max_sequences]
+        seqs = [list(res["prompt_ids"][i]) + list(res["completion_ids"][i]) for i in idx]
+        starts = [len(res["prompt_ids"][i]) for i in idx]
+        f = acceptance_kl(self.llm.model, fresh, seqs, starts)
+        z = acceptance_kl(self.llm.model, self.step0, seqs, starts)
+        return {"accept_fresh": f["acceptance"], "accept_step0": z["acceptance"], "kl_fresh": f["kl"],
+                "kl_step0": z["kl"], "positions": f["positions"]}
+
+
 def _try_import_trl():
     try:
         from trl import GRPOConfig, GRPOTrainer  # noqa: F401
@@ -161,9 +201,14 @@ def _try_import_trl():
 
 
 def make_telemetry_callback(log: StepLog, mode: str, *, out: str | Path | None = None,
-                            probe: GreedyProbe | None = None, progress: bool = True):
+                            probe: GreedyProbe | None = None, drift: DrafterDrift | None = None,
+                            group_size: int = 1, progress: bool = True):
     """A transformers ``TrainerCallback`` that syncs the policy into the engine after every optimizer
-    step, times the step and writes one JSONL record per step (and TRL's own logs) to ``out``."""
+    step, times the step and writes one JSONL record per step (and TRL's own logs) to ``out``.
+
+    ``step_s`` runs from the step's start (before its rollout) to the end of the policy sync; the
+    optional ``drift`` measurement (before the sync, on the step's rollouts) and greedy ``probe``
+    (after it) are excluded from it."""
     _try_import_trl()
     from transformers import TrainerCallback
 
@@ -192,8 +237,14 @@ def make_telemetry_callback(log: StepLog, mode: str, *, out: str | Path | None =
             self._t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, model=None, **kw):
+            t_opt = time.perf_counter()
+            drift_rec = {}
+            if drift is not None and log.last:  # policy that sampled this step's rollouts, before the sync
+                drift_rec = drift.measure(log.last, every=group_size)
+                drift_rec["drift_s"] = time.perf_counter() - t_opt
+            t_sync = time.perf_counter()
             refresh = rollout.update_policy(model.state_dict(), keep_drafter=keep)
-            step_s = time.perf_counter() - self._t0
+            step_s = (t_opt - self._t0) + (time.perf_counter() - t_sync)
             last = rollout.history[-1] if rollout.history else {}
             llm = rollout.llm
             derived = llm.drafter is not None and getattr(llm.drafter, "pinned_from", None) is None
@@ -209,6 +260,7 @@ def make_telemetry_callback(log: StepLog, mode: str, *, out: str | Path | None =
                 "drafter_from_version": None if llm.drafter is None else getattr(
                     llm.drafter, "pinned_from", llm.drafter.policy_version),
             }
+            rec.update(drift_rec)
             rec["rewards"], rec["lengths"] = list(log.rewards), list(log.lengths)
             rec["reward_mean"] = sum(log.rewards) / len(log.rewards) if log.rewards else None
             if probe is not None:  # outside the timed step
