@@ -70,7 +70,9 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     ``top_k`` [N] (int, 0 = off), ``top_p`` [N] (float, 1.0 = off). Masked tokens get -inf.
     Ties at the top-k boundary are kept (same rule in every path, so AR and SD agree).
     """
-    x = logits.float() / temperature.view(-1, 1)
+    x = logits.float()
+    if bool((temperature != 1.0).any()):  # x / 1.0 == x exactly: skip a pass over B x V
+        x = x / temperature.view(-1, 1)
     kk = top_k.clamp(min=0)
     if bool((kk > 0).any()):
         kmax = int(kk.max())
@@ -91,6 +93,17 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
         sub = torch.empty_like(sub).scatter_(1, order, srt)
         x = x.index_copy(0, rows, sub)
     return torch.log_softmax(x, dim=-1)
+
+
+def process_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Probabilities [N, V] of the processed distribution: ``process_logits(...).exp()``, in one
+    softmax pass when no row uses top-k/top-p (the drafter's hot path needs probabilities only)."""
+    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        return process_logits(logits, temperature, top_k, top_p).exp()
+    x = logits.float()
+    if bool((temperature != 1.0).any()):
+        x = x / temperature.view(-1, 1)
+    return torch.softmax(x, dim=-1)
 
 
 def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

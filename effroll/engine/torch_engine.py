@@ -26,7 +26,8 @@ import torch
 from .kv_cache import KVCache
 from .model import Transformer
 from .records import BatchView, Plan, StepRecord
-from .sampling import SamplingParams, greedy_accept, process_logits, sample_inverse_cdf, speculative_accept, uniforms
+from .sampling import (SamplingParams, greedy_accept, process_logits, process_probs, sample_inverse_cdf,
+                       speculative_accept, uniforms)
 
 
 @dataclass
@@ -275,6 +276,7 @@ class TorchEngine:
         K = max(ks)
         dev = self.model.device
         greedy = torch.tensor([r.params.greedy for r in rows])
+        any_greedy = bool(greedy.any())
         temp = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows])
         topk = torch.tensor([r.params.top_k for r in rows], dtype=torch.long)
         topp = torch.tensor([float(r.params.top_p) for r in rows])
@@ -299,10 +301,10 @@ class TorchEngine:
                 r.d_len = len(r.tokens)
             for j in range(K):
                 logits = self.drafter.logits(hl).cpu()
-                lp = process_logits(logits, temp, topk, topp)
-                probs = lp.exp()
+                probs = process_probs(logits, temp, topk, topp)
                 x = sample_inverse_cdf(probs, u[:, j])
-                x = torch.where(greedy, logits.argmax(-1), x)
+                if any_greedy:
+                    x = torch.where(greedy, logits.argmax(-1), x)
                 q[:, j] = probs
                 draft[:, j] = x
                 if j + 1 < K:
@@ -332,12 +334,12 @@ class TorchEngine:
             qq = q[idx] if q is not None else torch.zeros(len(idx), 0, self.vocab)
             jj, ff = speculative_accept(p, qq, draft[idx], kt[idx], u[idx, K : 2 * K], u[idx, 2 * K])
             j[idx], final[idx] = jj, ff
-        if bool(greedy.any()):
+        if any_greedy:
             idx = greedy.nonzero().flatten()
             jj, ff = greedy_accept(logits[idx].argmax(-1), draft[idx], kt[idx])
             j[idx], final[idx] = jj, ff
         # Returned logprobs: the processed target distribution (greedy rows: plain log-softmax, T=1).
-        if bool(greedy.any()):
+        if any_greedy:
             lp = torch.where(greedy.view(B, 1, 1), torch.log_softmax(logits, dim=-1), lp)
         emitted = torch.cat([draft, torch.zeros(B, 1, dtype=torch.long)], dim=1)
         emitted[torch.arange(B), j] = final
