@@ -88,6 +88,18 @@ def to_sampling_params(sp: Any, vocab_size: int) -> SamplingParams:
     return out
 
 
+def as_request_list(prompts: Any, sampling_params: Any) -> tuple[list[Any], list[Any]]:
+    """vLLM-style ``generate`` inputs -> (prompts, one sampling-params object per prompt)."""
+    if isinstance(prompts, (str, Mapping)) or (isinstance(prompts, (list, tuple)) and prompts
+                                               and all(isinstance(t, int) for t in prompts)):
+        prompts = [prompts]
+    prompts = list(prompts)
+    sps = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+    if len(sps) != len(prompts):
+        raise ValueError(f"got {len(sps)} sampling params for {len(prompts)} prompts")
+    return prompts, sps
+
+
 def _as_internal_state(weights: Any, target: Transformer) -> dict[str, torch.Tensor]:
     """Accept a Transformer, an HF- or internal-name state dict, or an HF checkpoint directory."""
     if isinstance(weights, Transformer):
@@ -135,6 +147,7 @@ class LLM:
         device: str | None = None,
         tokenizer: Any = None,
         hessian_every: int = 4,
+        seed: int = 0,
     ):
         from .checkpoints import load_model, load_tokenizer
 
@@ -152,7 +165,9 @@ class LLM:
         self._collector = None
         if drafter is None and recipe is not None:
             drafter = self._derive()
-        self.engine = TorchEngine(self.model, drafter, max_batch=max_batch, max_seq_len=max_seq_len, kmax=kmax)
+        # seed: the stream that seeds requests sent without one (give each replica its own).
+        self.engine = TorchEngine(self.model, drafter, max_batch=max_batch, max_seq_len=max_seq_len, kmax=kmax,
+                                  seed=seed)
         self.planner: Plan | Callable[[BatchView], Plan] = Plan(0)
         self.listeners: list[Callable[[StepRecord], None]] = []
         if recipe is not None and self._recipe_obj().method == "gptq":
@@ -257,14 +272,14 @@ class LLM:
         for fn in self.listeners:
             fn(rec)
 
+    def check_request(self, prompt: Any, sampling_params: Any = None) -> None:
+        """Raise ValueError/TypeError naming the bad value if ``generate`` would reject this request."""
+        _, ids = self._prompt_ids(prompt)
+        self.engine.validate_prompt(ids)
+        to_sampling_params(sampling_params, self.model.cfg.vocab_size).validate(self.model.cfg.vocab_size)
+
     def generate(self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = False) -> list[GenerationOutput]:
-        if isinstance(prompts, (str, Mapping)) or (isinstance(prompts, (list, tuple)) and prompts
-                                                   and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        sps = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
-        if len(sps) != len(prompts):
-            raise ValueError(f"got {len(sps)} sampling params for {len(prompts)} prompts")
+        prompts, sps = as_request_list(prompts, sampling_params)
         flat, params, owners = [], [], []
         results: list[GenerationOutput] = []
         for i, (p, sp) in enumerate(zip(prompts, sps)):
