@@ -1,0 +1,1 @@
+"""Scale-out: ``ray_pool.RayRolloutPool`` (needs ``pip install 'effroll[ray]'``; imported on use)."""
