@@ -26,6 +26,7 @@ returns vLLM-shaped outputs (``.prompt_token_ids``, ``.outputs[i].token_ids / .l
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -365,6 +366,8 @@ class AdaptiveSpecRollout:
         controller_kwargs: Mapping[str, Any] | None = None,
         watchdog: bool | Mapping[str, Any] = True,
         audit: bool | Mapping[str, Any] = False,
+        workers: int | None = None,
+        ray_address: str | None = None,
         **llm_kwargs: Any,
     ):
         if mode not in MODES:
@@ -373,6 +376,23 @@ class AdaptiveSpecRollout:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if rollout_fn is not None and not callable(rollout_fn):
             raise TypeError(f"rollout_fn must be callable, got {type(rollout_fn).__name__}")
+        self.pool = None
+        if workers is not None or ray_address is not None:
+            # Scale-out (effroll/dist/ray_pool.py): each Ray actor builds its own LLM, drafter and controller
+            # from model= and every other argument of this call; rollout_fn generates through self.llm (the pool).
+            opts = dict(locals())  # first: every argument of this call, for the actors
+            for name in ("self", "rollout_fn", "llm", "model", "workers", "ray_address", "llm_kwargs"):
+                del opts[name]
+            if llm is not None or model is None:
+                raise ValueError("workers=/ray_address= build one LLM per Ray actor: pass model=, not llm=")
+            from .dist.ray_pool import RayRolloutPool
+
+            self.pool = self.llm = RayRolloutPool(model, workers=1 if workers is None else workers,
+                                                  ray_address=ray_address, **opts, **llm_kwargs)
+            self.rollout_fn, self.mode, self.history = rollout_fn, mode, self.pool.history
+            if rollout_fn is not None:
+                functools.update_wrapper(self, rollout_fn)
+            return
         if llm is None:
             if model is None:
                 raise ValueError("AdaptiveSpecRollout needs llm= (an effroll.LLM) or model= (a checkpoint path)")
@@ -474,6 +494,8 @@ class AdaptiveSpecRollout:
             self._trace.write(json.dumps(d) + "\n")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pool is not None:  # the actors plan, check and record; the pool merges their telemetry
+            return self.pool.run(self.rollout_fn or self.pool.generate, *args, **kwargs)
         llm = self.llm
         saved = (llm.planner, list(llm.listeners))
         llm.planner = self._planner()
@@ -514,6 +536,8 @@ class AdaptiveSpecRollout:
     def update_policy(self, weights_or_path: Any, *, keep_drafter: bool = False) -> float:
         """Reload the policy, re-derive the drafter (``keep_drafter=True``: keep the old one, see
         ``LLM.update_policy``), reset acceptance estimates; returns refresh seconds."""
+        if self.pool is not None:
+            return self.pool.update_policy(weights_or_path, keep_drafter=keep_drafter)
         s = self.llm.update_policy(weights_or_path, keep_drafter=keep_drafter)
         self.controller.reset_acceptance()
         if self.watchdog is not None:
@@ -521,6 +545,8 @@ class AdaptiveSpecRollout:
         return s
 
     def stats(self) -> dict[str, Any]:
+        if self.pool is not None:
+            return self.pool.stats()
         last = self.history[-1] if self.history else {}
         return {
             "mode": self.mode,

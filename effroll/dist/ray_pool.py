@@ -155,8 +155,8 @@ class _Worker:
         outs = self.rollout([p for p, _ in items], [sp for _, sp in items])
         return outs, list(self.records)
 
-    def update_policy(self, weights: Any) -> float:
-        return self.rollout.update_policy(weights)
+    def update_policy(self, weights: Any, keep_drafter: bool = False) -> float:
+        return self.rollout.update_policy(weights, keep_drafter=keep_drafter)
 
     def stats(self) -> dict[str, Any]:
         st = self.rollout.stats()
@@ -322,12 +322,12 @@ class RayRolloutPool:
         return results, extras
 
     # ------------------------------------------------------------------ policy, telemetry, lifecycle
-    def update_policy(self, weights: Any) -> float:
+    def update_policy(self, weights: Any, *, keep_drafter: bool = False) -> float:
         """New policy weights to every worker through one ``ray.put``; each reloads its target and re-derives
-        its own drafter. Returns the slowest worker's refresh seconds. Bad weights raise the workers' error
-        (ValueError/TypeError) and change nothing."""
+        its own drafter (``keep_drafter``: see ``LLM.update_policy``). Returns the slowest worker's refresh
+        seconds. Bad weights raise the workers' error (ValueError/TypeError) and change nothing."""
         ref = ray.put(_portable(weights))
-        secs = self._call_all("update_policy", ref)
+        secs = self._call_all("update_policy", ref, keep_drafter)
         if not secs:
             raise WorkersLostError(f"no rollout worker left ({self._lost_text()}); the policy update reached none")
         self.version += 1
