@@ -428,8 +428,6 @@ class AdaptiveSpecRollout:
         self._records: list[StepRecord] = []
         self._trace = None
         if rollout_fn is not None:
-            import functools
-
             functools.update_wrapper(self, rollout_fn)
 
     def _planner(self) -> Plan | Callable[[BatchView], Plan]:
