@@ -383,7 +383,9 @@ def tune_cmd(model_path, recipe, out, plot, budget_s, batch_sizes, context_lens,
 @click.option("--k", "k_text", default="2,4,6", show_default=True, help="Static K ladder to compare.")
 @click.option("--repeats", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--profile", type=click.Path(), default=None, help="Controller profile (policies/*.json).")
+@click.option("--profile", default="auto", show_default=True,
+              help="Controller profile (policies/*.json); 'auto': a shipped one for this model and machine if "
+                   "any; 'none': learn online from scratch.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG of batch size, K, tok/s over time.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -394,11 +396,12 @@ def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batc
               profile, seed, plot, as_json, dtype, audit) -> None:
     """Long-tail rollout: AR vs static-K speculation vs adaptive, side by side."""
     from .bench import bench, make_workload, plot_timeline
-    from .rollout import LLM
+    from .rollout import LLM, resolve_profile
 
     ks = _parse_ints(k_text, "--k", hi=16)
     llm = LLM(model_path, recipe=recipe, max_batch=max_batch, kmax=max(8, max(ks)), dtype=dtype,
               max_seq_len=None)
+    profile, _ = resolve_profile(None if profile == "none" else profile, llm.model)
     wl = make_workload(llm, n=n_prompts, cap=max_tokens, temperature=temperature, seed=seed, median=median_tokens)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -408,6 +411,7 @@ def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batc
         res = bench(llm, wl, ks, repeats=repeats, progress=lambda m: prog.update(task, description=m),
                     profile=profile, audit=audit)
     records = res.pop("_records")
+    res["workload"]["profile"] = profile
     if plot:
         plot_timeline(records, plot, title=f"{Path(model_path).name}: {n_prompts} requests, cap {max_tokens}")
     if as_json:
@@ -432,7 +436,8 @@ def _print_bench_table(res: dict) -> None:
 
     w = res["workload"]
     t = Table(title=f"long-tail rollout: {w['requests']} requests, {w['tokens']} tokens, cap {w['max_tokens_cap']}, "
-                    f"max batch {w['max_batch']}, drafter {w['recipe']}, median of {w['repeats']}")
+                    f"max batch {w['max_batch']}, drafter {w['recipe']}, median of {w['repeats']}; controller "
+                    f"profile: {Path(w['profile']).name if w.get('profile') else 'none (learns online)'}")
     for col in ("mode", "wall s [min-max]", "tok/s", "acceptance", "speculated", "toggles", "vs AR"):
         t.add_column(col, justify="right")
     for m, r in res.items():

@@ -348,6 +348,36 @@ def _options(name: str, value: Any) -> dict[str, Any]:
     raise TypeError(f"{name} must be True, False or a dict of options, got {value!r}")
 
 
+def runtime_hardware(model: Transformer) -> dict[str, Any]:
+    """This machine as a profile records it: CPU, cores, device type, torch threads."""
+    from .control import hardware_fingerprint
+
+    return hardware_fingerprint(torch_threads=torch.get_num_threads(), device=model.device.type)
+
+
+def resolve_profile(profile: Any, model: Transformer) -> tuple[str | None, dict | None]:
+    """``profile`` may be None, "auto" (a shipped/EFFROLL_POLICIES profile tuned for this model
+    architecture on this kind of machine, if any), a path or a dict. Returns (source, validated
+    profile or None); a profile tuned for another architecture is a ValueError."""
+    from .control import find_profile, load_profile, validate_profile
+
+    if profile is None:
+        return None, None
+    if isinstance(profile, str) and profile == "auto":
+        path = find_profile(model.fingerprint(), runtime_hardware(model))
+        if path is None:
+            return None, None
+        profile = path
+    source = str(profile) if isinstance(profile, (str, Path)) else "<dict>"
+    profile = load_profile(profile) if isinstance(profile, (str, Path)) else validate_profile(profile)
+    fp = profile["model"].get("fingerprint")
+    if fp and fp != model.fingerprint():
+        raise ValueError(f"profile is for model {profile['model']['name']!r} (fingerprint {fp}), not this "
+                         f"model {getattr(model, 'name', None)!r} (fingerprint {model.fingerprint()}); "
+                         "run `effroll tune` for it")
+    return source, profile
+
+
 class AdaptiveSpecRollout:
     """Wrap a rollout function so its generation runs AR, fixed-K speculative, or adaptive."""
 
@@ -360,7 +390,7 @@ class AdaptiveSpecRollout:
         mode: str = "adaptive",
         k: int = 4,
         policy: str = "cost_model",
-        profile: str | Path | dict | None = None,
+        profile: str | Path | dict | None = "auto",
         recipe: str | None = "rtn-sym-g64",
         trace: str | Path | None = None,
         controller_kwargs: Mapping[str, Any] | None = None,
@@ -401,15 +431,9 @@ class AdaptiveSpecRollout:
         self.llm = llm
         self.mode = mode
         self.k = min(k, llm.engine.kmax)
-        from .control import Controller, load_profile, validate_profile
+        from .control import Controller
 
-        if profile is not None:
-            profile = load_profile(profile) if isinstance(profile, (str, Path)) else validate_profile(profile)
-            fp = profile["model"].get("fingerprint")
-            if fp and fp != llm.model.fingerprint():
-                raise ValueError(f"profile is for model {profile['model']['name']!r} (fingerprint {fp}), not this "
-                                 f"model {getattr(llm.model, 'name', None)!r} (fingerprint "
-                                 f"{llm.model.fingerprint()}); run `effroll tune` for it")
+        self.profile_path, profile = resolve_profile(profile, llm.model)
         self.controller = Controller(policy=policy, profile=profile, **dict(controller_kwargs or {}))
         from .control.watchdog import Watchdog
 
@@ -555,6 +579,7 @@ class AdaptiveSpecRollout:
             "refresh_s": list(self.llm.refresh_s),
             "drafter_error": self.llm.drafter_error,
             "controller": self.controller.stats(),
+            "profile": self.profile_path,
             "watchdog": self.watchdog.stats() if self.watchdog is not None else None,
             "audit": self.audit.stats() if self.audit is not None else None,
             "guard_s": dict(self.guard_s),

@@ -31,11 +31,12 @@ import numpy as np
 from .control.acceptance import AcceptanceEstimator, expected_tokens
 from .control.controller import toggle_table
 from .control.cost_model import CostModel, record_samples
-from .control.profile import hardware_fingerprint, make_profile
+from .control.profile import make_profile
 from .engine.model import Transformer
 from .engine.records import StepRecord
 from .engine.sampling import SamplingParams
 from .engine.torch_engine import TorchEngine
+from .rollout import runtime_hardware
 
 DEFAULT_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 DEFAULT_CONTEXTS = (64, 256, 640)
@@ -284,7 +285,7 @@ def tune(model: Transformer, drafter: Transformer, *, recipe: str, grid: Grid | 
                "sweep_seconds": sw.seconds, "n_steps": len(sw.records), "skipped_cells": [list(c) for c in sw.skipped],
                "grid": {"batch_sizes": list(grid.batch_sizes), "context_lens": list(grid.context_lens),
                         "ks": list(grid.ks), "rounds": grid.rounds}}
-    hw = hardware_fingerprint(torch_threads=_torch_threads(), device=model.device.type)
+    hw = runtime_hardware(model)
     profile = make_profile(full, model_name=model_name or getattr(model, "name", None) or "model",
                            model_fingerprint=model.fingerprint(), dtype=str(model.dtype).replace("torch.", ""),
                            drafter_recipe=recipe, fit=fitinfo, toggle=toggle, hardware=hw)
@@ -292,9 +293,3 @@ def tune(model: Transformer, drafter: Transformer, *, recipe: str, grid: Grid | 
         plot(full, sw, a, toggle, plot_path, title=f"effroll tune: {profile['model']['name']}, drafter {recipe}")
     return profile, {"heldout": heldout_eval, "train": train_eval, "acceptance": a, "toggle": toggle,
                      "sweep_seconds": sw.seconds, "skipped": sw.skipped}
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()

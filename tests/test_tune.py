@@ -121,3 +121,29 @@ def test_tune_bad_input_is_a_user_error(tmp_path):
     r = CliRunner().invoke(main, ["tune", "--model", str(ckpt), "--out", str(tmp_path / "p.json"),
                                   "--batch-sizes", "1,2,4", "--holdout", "3"])
     assert r.exit_code == 2 and "holdout batch sizes [3] are not in the grid" in r.output
+
+
+def test_auto_profile_picks_a_matching_shipped_profile(tmp_path, monkeypatch, small_pair):
+    from effroll.control import CostModel, find_profile, make_profile, save_profile
+    from effroll.rollout import AdaptiveSpecRollout, LLM, runtime_hardware
+
+    target, _ = small_pair
+    hw = runtime_hardware(target)
+    cm = CostModel().fit()
+    mine = make_profile(cm, model_name="small", model_fingerprint=target.fingerprint(), dtype="float32",
+                        drafter_recipe="rtn-sym-g32", hardware=hw)
+    other_hw = make_profile(cm, model_name="small", model_fingerprint=target.fingerprint(), dtype="float32",
+                            drafter_recipe="rtn-sym-g32", hardware=dict(hw, cpu="some other CPU"))
+    other_model = make_profile(cm, model_name="big", model_fingerprint="0123456789abcdef", dtype="float32",
+                               drafter_recipe="rtn-sym-g32", hardware=hw)
+    save_profile(other_hw, tmp_path / "a_other_hw.json")
+    save_profile(other_model, tmp_path / "b_other_model.json")
+    (tmp_path / "c_broken.json").write_text("{not json")
+    assert find_profile(target.fingerprint(), hw, dirs=[tmp_path]) is None
+    save_profile(mine, tmp_path / "d_mine.json")
+    assert find_profile(target.fingerprint(), hw, dirs=[tmp_path]) == tmp_path / "d_mine.json"
+
+    monkeypatch.setenv("EFFROLL_POLICIES", str(tmp_path))
+    llm = LLM(target, recipe="rtn-sym-g32", max_batch=2)
+    assert AdaptiveSpecRollout(None, llm=llm).stats()["profile"] == str(tmp_path / "d_mine.json")
+    assert AdaptiveSpecRollout(None, llm=llm, profile=None).stats()["profile"] is None

@@ -21,6 +21,10 @@ from pathlib import Path
 from .cost_model import CostModel
 
 SCHEMA_VERSION = 1
+# Shipped profiles live in the repository's policies/ (editable installs); EFFROLL_POLICIES adds
+# more directories (os.pathsep-separated), searched first.
+POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
+MATCH_HARDWARE = ("cpu", "cores", "machine", "device", "torch_threads")
 REQUIRED = {"schema_version": int, "hardware": dict, "model": dict, "dtype": str, "drafter_recipe": str,
             "cost_model": dict, "fit": dict, "toggle": dict, "created": str}
 
@@ -118,3 +122,26 @@ def make_profile(cost_model: CostModel, *, model_name: str, model_fingerprint: s
         "toggle": dict(toggle or {}),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
+
+
+def policy_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("EFFROLL_POLICIES", "").split(os.pathsep) if p]
+    return extra + [POLICIES_DIR]
+
+
+def find_profile(model_fingerprint: str, hardware: dict, dirs=None) -> Path | None:
+    """The first valid profile in ``dirs`` (default: ``policy_dirs()``) tuned for this model
+    architecture (``model.fingerprint``) on this kind of machine (same ``MATCH_HARDWARE`` fields
+    wherever both sides record them); None when there is none. Invalid files are skipped."""
+    for d in dirs if dirs is not None else policy_dirs():
+        for path in sorted(Path(d).glob("*.json")):
+            try:
+                prof = load_profile(path)
+            except ValueError:
+                continue
+            hw = prof["hardware"]
+            if prof["model"].get("fingerprint") != model_fingerprint:
+                continue
+            if all(hw.get(k) == hardware.get(k) for k in MATCH_HARDWARE if k in hw and k in hardware):
+                return path
+    return None
