@@ -137,7 +137,7 @@ class _Worker:
     def info(self) -> dict[str, Any]:
         llm = self.rollout.llm
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": str(llm.model.device),
-                "kmax": llm.engine.kmax, "policy_version": llm.version,
+                "torch_threads": torch.get_num_threads(), "kmax": llm.engine.kmax, "policy_version": llm.version,
                 "drafter_digest": module_digest(llm.drafter)}
 
     def check(self, items: list[tuple[Any, Any]]) -> tuple[list[str | None], None]:
