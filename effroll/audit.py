@@ -3,10 +3,14 @@
 ``effroll verify`` checks an engine offline; this runs inside live rollouts, cheaply. Two checks:
 
 (a) *Logprob spot check*: with probability ``logprob_rate`` per speculative step, one random row that
-    drafted in that step (and is still running) is recomputed with an independent full-sequence target
-    forward without KV cache (``verify.reference_logprobs``); every logprob the engine returned for the
-    row's output must match within ``logprob_tol``. Catches wrong logprobs and corrupted or wrongly
-    rolled-back KV caches. Cost: one prefill of one sequence per audited step.
+    drafted in that step (still running, with at least ``min_tokens`` output tokens) is recomputed with
+    an independent full-sequence target forward without KV cache (``verify.reference_logprobs``); the
+    mean absolute difference between those logprobs and the ones the engine returned, over the row's
+    last ``min(32, n)`` tokens, must be <= ``logprob_tol``. Catches wrong logprobs and corrupted or
+    wrongly rolled-back KV caches. A mean, because low precision is noisy token by token: on
+    SmolLM2-135M in bf16 the cached, batched engine (AR and speculative alike) differs from a fresh
+    forward by 0.04 on average and up to 0.4 on single tokens; hence the default tolerance of 0.15 for
+    bf16/fp16 models and 1e-3 for fp32 ones. Cost: one prefill of one sequence per audited step.
 (b) *Shadow first-token test*: on speculative steps each newly admitted row (with at least two tokens
     to go) joins the shadow slice with probability ``shadow_rate``, and a fair coin assigns it to the
     AR arm (its first step runs with K=0) or the SD arm (the step's K). The assignment is independent
@@ -29,6 +33,8 @@ import math
 import random
 from collections import Counter
 from typing import Any
+
+import torch
 
 from .engine.records import BatchView, Plan, StepRecord
 from .verify import chi2_homogeneity, reference_logprobs
@@ -54,21 +60,25 @@ class LosslessAudit:
     """See the module docstring. ``assign`` goes into the planner, ``observe`` after every step."""
 
     def __init__(self, logprob_rate: float = 0.01, shadow_rate: float = 0.25, alpha: float = 1e-4,
-                 logprob_tol: float = 5e-2, look_every: int = 200, on_failure: str = "raise", seed: int = 0):
+                 logprob_tol: float | None = None, min_tokens: int = 8, look_every: int = 200,
+                 on_failure: str = "raise", seed: int = 0):
         self.logprob_rate, self.shadow_rate = _rate("logprob_rate", logprob_rate), _rate("shadow_rate", shadow_rate)
         self.alpha = _rate("alpha", alpha)
-        if isinstance(logprob_tol, bool) or not isinstance(logprob_tol, (int, float)) or not logprob_tol > 0:
-            raise ValueError(f"audit logprob_tol must be a number > 0, got {logprob_tol!r}")
-        if isinstance(look_every, bool) or not isinstance(look_every, int) or look_every < 1:
-            raise ValueError(f"audit look_every must be an int >= 1, got {look_every!r}")
+        if logprob_tol is not None and (isinstance(logprob_tol, bool) or not isinstance(logprob_tol, (int, float))
+                                        or not logprob_tol > 0):
+            raise ValueError(f"audit logprob_tol must be a number > 0 (or None: by dtype), got {logprob_tol!r}")
+        for name, v in (("min_tokens", min_tokens), ("look_every", look_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"audit {name} must be an int >= 1, got {v!r}")
         if on_failure not in ON_FAILURE:
             raise ValueError(f"audit on_failure must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
-        self.logprob_tol, self.look_every, self.on_failure = float(logprob_tol), look_every, on_failure
+        self.logprob_tol, self.min_tokens = logprob_tol, min_tokens
+        self.look_every, self.on_failure = look_every, on_failure
         self._rng = random.Random(seed)
         self._seen: set[str] = set()  # request ids already planned once (their first step is behind them)
         self._arm: dict[str, str] = {}  # shadow rows waiting for their first token: rid -> "ar" | "sd"
         self.counts = {"ar": Counter(), "sd": Counter()}
-        self.logprob_checks, self.logprob_max_diff = 0, 0.0
+        self.logprob_checks, self.logprob_max_diff, self.logprob_max_mean_diff = 0, 0.0, 0.0
         self.looks, self.last_p, self._next_look = 0, None, look_every
         self.failure: str | None = None
 
@@ -135,21 +145,25 @@ class LosslessAudit:
 
     def _logprobs(self, rec: StepRecord, engine: Any) -> str | None:
         drafted = {rid for rid, k, e in zip(rec.request_ids, rec.k, rec.emitted) if k > 0 and e > 0}
-        rows = [r for r in engine.active if r.rid in drafted and r.out]
+        rows = [r for r in engine.active if r.rid in drafted and len(r.out) >= self.min_tokens]
         if not rows:
             return None
         r = self._rng.choice(rows)
         ref = reference_logprobs(engine.model, r.prompt, r.out, r.params)
-        diff = max(abs(x - y) for x, y in zip(ref, r.logprobs))
+        diffs = [abs(x - y) for x, y in zip(ref[-32:], r.logprobs[-32:])]
+        diff = sum(diffs) / len(diffs)
+        tol = self.logprob_tol or (1e-3 if engine.model.dtype == torch.float32 else 0.15)
         self.logprob_checks += 1
-        self.logprob_max_diff = max(self.logprob_max_diff, diff)
-        if not diff <= self.logprob_tol:
+        self.logprob_max_diff = max(self.logprob_max_diff, max(diffs))
+        self.logprob_max_mean_diff = max(self.logprob_max_mean_diff, diff)
+        if not diff <= tol:
             return (f"logprob spot check: request {r.rid}'s returned logprobs differ from an independent target "
-                    f"forward by {diff:.3g} > {self.logprob_tol:g}")
+                    f"forward by {diff:.3g} on average over its last {len(diffs)} tokens (> {tol:g})")
         return None
 
     def stats(self) -> dict[str, Any]:
         return {"failed": self.failed, "failure": self.failure, "on_failure": self.on_failure,
-                "logprob_checks": self.logprob_checks, "logprob_max_abs_diff": self.logprob_max_diff,
+                "logprob_checks": self.logprob_checks, "logprob_max_mean_abs_diff": self.logprob_max_mean_diff,
+                "logprob_max_abs_diff": self.logprob_max_diff,
                 "shadow_samples": {a: sum(c.values()) for a, c in self.counts.items()}, "shadow_looks": self.looks,
                 "shadow_p_value": self.last_p}
