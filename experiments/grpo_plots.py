@@ -255,15 +255,23 @@ def main(argv=None) -> int:
                   f"{f(s['drift_last']['accept_fresh'], 3)} / {f(s['drift_last']['accept_step0'], 3)} | {f(s['speculative_share'])} | "
                   f"{f(s['reward'], 3)} |")
 
-    # greedy identity: within each run (spec vs AR at every step) and across runs at step 0 (same policy)
-    identical = {m: [r.get("greedy_identical") for r in k.get("probe", []) + k["step"] if "greedy_identical" in r]
-                 for m, k in runs.items()}
+    # greedy identity: within each run (fixed-K spec vs AR at every step) and across runs at step 0 (same policy)
+    greedy = {}
+    for m, k in runs.items():
+        probes = [r for r in k.get("probe", []) + k["step"] if r.get("greedy_identical") is not None]
+        div = [d for r in probes for d in r.get("greedy_divergence", [])]
+        greedy[m] = {"probes": len(probes), "identical": sum(r["greedy_identical"] for r in probes),
+                     "rows_diverged_near_tie": sum(d["near_tie"] for d in div),
+                     "rows_diverged_clear_margin": sum(not d["near_tie"] for d in div)}
     digests0 = {m: k["probe"][0]["greedy_digest"] for m, k in runs.items() if k.get("probe")}
-    result["greedy"] = {"identical_per_step": identical, "step0_digests": digests0,
-                        "all_identical": all(v in (True, None) for vs in identical.values() for v in vs),
+    result["greedy"] = {"per_run": greedy, "step0_digests": digests0,
                         "step0_same_across_runs": len(set(digests0.values())) <= 1}
-    print(f"\ngreedy identity (spec vs AR at every step): {result['greedy']['all_identical']}; "
-          f"step-0 AR greedy digests equal across runs: {result['greedy']['step0_same_across_runs']} {digests0}")
+    print("\ngreedy identity, fixed-K speculation vs AR at each step (bf16: a divergence at a near-tie of the "
+          "target's top-2 logits is numerics, at a clear margin a bug):")
+    for m, g in greedy.items():
+        print(f"  {m}: {g['identical']}/{g['probes']} probes identical; diverged rows: {g['rows_diverged_near_tie']} "
+              f"at near-ties, {g['rows_diverged_clear_margin']} at a clear margin")
+    print(f"step-0 AR greedy digests equal across runs: {result['greedy']['step0_same_across_runs']} {digests0}")
 
     if "ar" in runs and "adaptive" in runs:
         tests = {}

@@ -131,8 +131,13 @@ def test_rollouts_are_grouped_seeded_and_greedy_identical_across_modes(tiny_ckpt
     greedy = make_rollout_func(llm, tok, max_tokens=24, temperature=0.0)
     outs = {m: build_rollout(llm, m, greedy, k=3)(prompts)["completion_ids"] for m in MODES}
     assert all(outs[m] == outs["ar"] for m in MODES), "greedy rollouts differ between modes"
-    same, digest = GreedyProbe(llm, a["prompt_ids"][:4], "sd", max_tokens=16, k=3).check()
-    assert same is True and len(digest) == 12
+    probe = GreedyProbe(llm, a["prompt_ids"][:4], "sd", max_tokens=16, k=3)
+    res = probe.check()
+    assert res["greedy_identical"] is True and len(res["greedy_digest"]) == 12 and res["greedy_divergence"] == []
+    ref = probe.ar(probe.prompt_ids)[0]
+    wrong = ref[:3] + [(ref[3] + 1) % llm.model.cfg.vocab_size] + ref[4:]  # what a broken sampler would emit
+    div = probe._divergence(0, ref, wrong)
+    assert div["pos"] == 3 and div["margin"] > 0 and div["near_tie"] is False  # fp32: a clear margin = a bug
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         build_rollout(llm, "fast", greedy)
 

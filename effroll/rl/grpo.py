@@ -9,27 +9,34 @@ How it fits together (one optimizer step):
    under the wrapper's planner, and returns completions with the target's per-token logprobs.
 2. TRL scores the completions (``correctness_reward``: the final number equals the answer), normalises
    rewards per group (``scale_rewards="group"``), recomputes the policy's logprobs with the HF model
-   it trains (fp32) and takes one AdamW step on the clipped-ratio GRPO loss (TRL's default ``dapo``
-   token normalisation; ``beta=0``: no KL to a reference, as TRL's default).
+   it trains (fp32 master weights, bf16 autocast) and takes one AdamW step on the clipped-ratio GRPO
+   loss (TRL's default ``dapo`` token normalisation; ``beta=0``: no KL to a reference, TRL's default).
 3. Our callback (``GRPOTelemetry``) then calls ``rollout.update_policy(model.state_dict())``: the
    engine's target is reloaded in place and the INT4 drafter re-derived (``sd-stale``: the step-0
    drafter is kept, ``keep_drafter=True``), and writes one JSONL record per step.
 
 Why TRL fits here (no vLLM, no network, 2-core CPU): with ``rollout_func`` TRL never generates
 itself, so it needs neither vLLM nor a GPU; the model and tokenizer are passed as objects (nothing is
-fetched); the HF model trains in fp32 on CPU (``use_cpu=True``, ``bf16=False``, no gradient
-checkpointing). The rollout logprobs are returned as TRL asks, but without vLLM TRL uses them only
-for logging: with one generation per optimizer step (``steps_per_generation`` = gradient accumulation
-steps, ``num_iterations=1``) its "old" logprobs are the detached current ones, so the ratio is 1 at
-the first micro-batch and clipping acts only through the later micro-batches of the same step.
+fetched); the HF model trains on CPU (``use_cpu=True``, bf16 autocast over fp32 weights, no
+gradient checkpointing).
+
+What TRL does with the rollout logprobs: without vLLM, nothing by default (only its optional
+off-policy mask reads them). With one generation per optimizer step (``steps_per_generation`` =
+gradient accumulation steps, ``num_iterations=1``) its "old" logprobs are the trainer's own detached
+ones and the parameters do not change within the accumulated step, so the ratio is exactly 1 and
+the clipped objective reduces to the policy gradient with group-normalised advantages (TRL's
+default set-up). The engine-vs-trainer logprob mismatch is not importance-corrected (TRL does that
+only for vLLM).
 The engine samples in bf16 while TRL trains fp32 master weights; the policy the engine runs is the
-bf16 rounding of those weights (the usual trainer/inference-engine split).
+bf16 rounding of those weights (the usual trainer/inference-engine split; small learning rates can
+leave it unchanged, see experiments/grpo_run.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import zlib
@@ -131,9 +138,14 @@ def token_digest(seqs: Sequence[Sequence[int]]) -> str:
 class GreedyProbe:
     """Greedy rollouts of a few fixed prompts, AR and speculative, at the current policy.
 
-    ``check()`` returns ``(identical, digest)``: whether fixed-K speculation with the run's current
-    drafter (fresh or stale) reproduced AR's tokens exactly (None when the run has no drafter), and a
-    digest of AR's tokens (equal across runs that share a policy, e.g. at step 0).
+    ``check()`` returns ``greedy_identical`` (did fixed-K speculation with the run's current drafter,
+    fresh or stale, reproduce AR's tokens exactly; None when the run has no drafter),
+    ``greedy_digest`` (a digest of AR's tokens: equal across runs that share a policy, e.g. at step
+    0) and, per row that differs, where and how close the target's top two logits were there
+    (``greedy_divergence``: row, position, margin, and ``near_tie`` when the margin is within two
+    units in the last place of the logit's dtype). In bf16 even AR itself is not batch-shape
+    invariant (a row's logits move by an ulp when the batch shrinks), so a near-tie divergence is
+    numerics; a divergence at a clear margin would be a bug.
     """
 
     def __init__(self, llm: LLM, prompt_ids: Sequence[Sequence[int]], mode: str, *, max_tokens: int, k: int = 4):
@@ -148,10 +160,27 @@ class GreedyProbe:
         # fixed K in every mode: speculation on at every step is the strictest identity check
         self.spec = AdaptiveSpecRollout(greedy, llm=llm, mode="sd", k=k, watchdog=check_mode(mode) != "sd-stale")
 
-    def check(self) -> tuple[bool | None, str]:
+    def _divergence(self, row: int, ref: list[int], got: list[int]) -> dict[str, Any]:
+        import torch
+
+        from ..engine.kv_cache import full_logits
+
+        pos = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+        with torch.no_grad():
+            logits = full_logits(self.llm.model, self.prompt_ids[row] + ref[:pos])[-1]
+        top = torch.topk(logits, 2).values
+        ulp = torch.finfo(self.llm.model.dtype).eps * 2.0 ** math.floor(math.log2(max(abs(float(top[0])), 1e-30)))
+        margin = float(top[0] - top[1])
+        return {"row": row, "pos": pos, "margin": margin, "near_tie": margin <= 2 * ulp}
+
+    def check(self) -> dict[str, Any]:
         ref = self.ar(self.prompt_ids)
-        same = None if self.llm.drafter is None else self.spec(self.prompt_ids) == ref
-        return same, token_digest(ref)
+        out: dict[str, Any] = {"greedy_identical": None, "greedy_digest": token_digest(ref)}
+        if self.llm.drafter is not None:
+            got = self.spec(self.prompt_ids)
+            out["greedy_identical"] = got == ref
+            out["greedy_divergence"] = [self._divergence(i, a, b) for i, (a, b) in enumerate(zip(ref, got)) if a != b]
+        return out
 
 
 class DrafterDrift:
@@ -265,7 +294,7 @@ def make_telemetry_callback(log: StepLog, mode: str, *, out: str | Path | None =
             rec["reward_mean"] = sum(log.rewards) / len(log.rewards) if log.rewards else None
             if probe is not None:  # outside the timed step
                 t = time.perf_counter()
-                rec["greedy_identical"], rec["greedy_digest"] = probe.check()
+                rec.update(probe.check())
                 rec["probe_s"] = time.perf_counter() - t
             self.records.append(rec)
             self._write(rec)
