@@ -91,72 +91,67 @@ def compare(a_rewards, b_rewards, a_lengths, b_lengths) -> dict:
     return out
 
 
-def plot_metric(runs, key, ylabel, title, path, modes=MODES, transform=None):
+XLABEL = "optimizer step (rollouts of step s come from the policy after s-1 updates)"
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = 0
-    for m in modes:
-        if m not in runs:
-            continue
-        steps = runs[m]["step"]
-        xs, ys = [], []
-        for r in steps:
-            v = transform(r) if transform else r.get(key)
-            if v is not None:
-                xs.append(r["step"])
-                ys.append(v)
-        if xs:
-            ax.plot(xs, ys, marker="o", ms=3, color=COLORS[m], label=m)
-            drawn += 1
-    ax.set_xlabel("optimizer step (rollouts of step s come from the policy after s-1 updates)")
+    return plt
+
+
+def _finish(plt, fig, ax, ylabel, title, path, legend_size=None):
+    """Axis labels, title, grid, legend (when anything is labelled); save and close."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(XLABEL)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_metric(runs, key, ylabel, title, path, modes=MODES, transform=None):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in modes:
+        if m not in runs:
+            continue
+        pts = [(r["step"], transform(r) if transform else r.get(key)) for r in runs[m]["step"]]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, color=COLORS[m], label=m)
+    return _finish(plt, fig, ax, ylabel, title, path)
 
 
 def plot_drift(runs, path):
     """Fresh vs step-0 drafter, scored on the same rollouts of each step (solid: fresh, dashed: step-0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for m, k in runs.items():
         steps = [r for r in k["step"] if r.get("accept_fresh") is not None]
-        if not steps:
-            continue
         xs = [r["step"] for r in steps]
-        ax.plot(xs, [r["accept_fresh"] for r in steps], color=COLORS[m], marker="o", ms=3, label=f"{m}: fresh drafter")
-        ax.plot(xs, [r["accept_step0"] for r in steps], color=COLORS[m], ls="--", marker="x", ms=4,
-                label=f"{m}: step-0 drafter")
-    ax.set_xlabel("optimizer step (rollouts of step s come from the policy after s-1 updates)")
-    ax.set_ylabel("expected acceptance sum_x min(p, q)")
-    ax.set_title("Fresh vs stale (step-0) drafter on the same rollouts")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        if xs:
+            ax.plot(xs, [r["accept_fresh"] for r in steps], color=COLORS[m], marker="o", ms=3,
+                    label=f"{m}: fresh drafter")
+            ax.plot(xs, [r["accept_step0"] for r in steps], color=COLORS[m], ls="--", marker="x", ms=4,
+                    label=f"{m}: step-0 drafter")
+    return _finish(plt, fig, ax, "expected acceptance sum_x min(p, q)",
+                   "Fresh vs stale (step-0) drafter on the same rollouts", path, legend_size=7)
 
 
 def plot_k_hist(runs, path):
     """Stacked shares of the K chosen per engine step, one panel per speculative run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     modes = [m for m in ("adaptive", "sd", "sd-stale") if m in runs]
     fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(5 * max(1, len(modes)), 4), squeeze=False)
