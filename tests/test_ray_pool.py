@@ -3,7 +3,7 @@ dies, one policy update reaching every actor, clear errors."""
 
 from __future__ import annotations
 
-import threading
+import time
 from collections import Counter
 
 import pytest
@@ -36,7 +36,7 @@ def local_ray():
 def checkpoint(tmp_path_factory):
     """A tiny random checkpoint on disk: what every node of a cluster would load."""
     cfg = tiny_config(vocab=97, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
-                      eos=(1,))
+                      eos=(1,), max_position_embeddings=1024)
     return str(save_hf_checkpoint(random_model(cfg, seed=21, std=0.3), tmp_path_factory.mktemp("ray") / "ckpt"))
 
 
@@ -139,36 +139,43 @@ def test_invalid_requests_raise_before_anything_runs(ar_pool):
     assert ar_pool.generate([], SamplingParams()) == []
 
 
-def kill_during(pool, worker):
-    """Kill ``worker`` shortly after ``pool`` hands out the shares of its next generate call."""
-    real = pool._map
+def kill_during_generate(monkeypatch, pool, worker):
+    """Kill ``worker`` once the pool waits for the shares of its next generate call: they have been handed
+    out and run for 0.2 s, a fraction of what this workload takes (hundreds of engine steps per share)."""
+    real_map, real_wait = pool._map, ray.wait
+
+    def wait(*args, **kwargs):
+        if worker in pool.workers:
+            time.sleep(0.2)
+            ray.kill(pool.workers[worker])
+        return real_wait(*args, **kwargs)
 
     def mapped(method, items):
         if method == "generate":
-            threading.Timer(0.3, ray.kill, [pool.workers[worker]]).start()
-        return real(method, items)
+            monkeypatch.setattr(ray, "wait", wait)
+        return real_map(method, items)
 
-    return mapped
+    monkeypatch.setattr(pool, "_map", mapped)
 
 
 def test_killed_actor_loses_no_request_then_clear_error(checkpoint, monkeypatch):
-    prompts = [[5 + i, 6, 7][: 1 + i % 3] for i in range(16)]
-    sps = [SamplingParams(temperature=1.0, max_tokens=120, ignore_eos=True, seed=i) for i in range(16)]
-    ref = tokens(LLM(checkpoint, recipe=None, dtype="fp32", max_batch=16).generate(prompts, sps))
-    pool = RayRolloutPool(checkpoint, workers=2, mode="ar", recipe=None, dtype="fp32", max_batch=16, **SMALL)
+    prompts = [[5 + i, 6, 7][: 1 + i % 3] for i in range(8)]
+    sps = [SamplingParams(temperature=1.0, max_tokens=600, ignore_eos=True, seed=i) for i in range(8)]
+    ref = tokens(LLM(checkpoint, recipe=None, dtype="fp32", max_batch=8).generate(prompts, sps))
+    pool = RayRolloutPool(checkpoint, workers=2, mode="ar", recipe=None, dtype="fp32", max_batch=8, **SMALL)
     try:
-        monkeypatch.setattr(pool, "_map", kill_during(pool, 0))
+        kill_during_generate(monkeypatch, pool, 0)
         outs = pool.generate(prompts, sps)
         assert len(outs) == len(prompts) and tokens(outs) == ref  # every rollout once, same content
         monkeypatch.undo()
         st = pool.stats()["pool"]
         assert st["alive"] == [1] and "died" in st["lost"][0] and st["requeued_requests"] >= 1
 
-        pool.timeout_s = 0.2  # the survivor cannot finish 16 x 120 tokens in 0.2 s: declared lost
+        pool.timeout_s = 0.2  # the survivor cannot finish 8 x 600 tokens in 0.2 s: declared lost
         with pytest.raises(WorkersLostError, match="no rollout worker left") as e:
             pool.generate(prompts, sps)
-        assert "returned nothing for timeout_s=0.2 s" in str(e.value) and "16 of 16 requests unfinished" in str(e.value)
-        assert len(e.value.outputs) == 16
+        assert "returned nothing for timeout_s=0.2 s" in str(e.value) and "8 of 8 requests unfinished" in str(e.value)
+        assert len(e.value.outputs) == 8
         with pytest.raises(WorkersLostError, match="policy update reached none"):
             pool.update_policy(LLM(checkpoint, recipe=None, dtype="fp32").model)
     finally:
