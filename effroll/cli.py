@@ -427,8 +427,8 @@ def _checks_line(res: dict) -> str:
     au = [r["audit_overhead"] for r in modes.values() if r.get("audit_overhead") is not None]
     said = [f"{m}: {r['events']} events" + (" (AUDIT FAILED)" if (r.get("audit") or {}).get("failed") else "")
             for m, r in modes.items() if r["events"] or (r.get("audit") or {}).get("failed")]
-    return (f"health checks: watchdog overhead <= {100 * wd:.2f}% of wall time; audit "
-            + (f"overhead <= {100 * max(au):.2f}%" if au else "off (--audit)") + "; " + ("; ".join(said) or "no events"))
+    return (f"health checks: watchdog overhead <= {100 * wd:.3f}% of wall time; audit "
+            + (f"overhead <= {100 * max(au):.3f}%" if au else "off (--audit)") + "; " + ("; ".join(said) or "no events"))
 
 
 def _print_bench_table(res: dict) -> None:
