@@ -234,3 +234,14 @@ def test_bad_plans(small_pair):
         eng.step("fast")
     assert eng.has_unfinished()  # nothing lost: the request is still there
     eng.step(Plan(2))
+
+
+def test_seeded_speculative_sampling_does_not_depend_on_the_batch(small_pair):
+    """At T=1 with a fixed plan, a seeded request gets the same tokens alone or beside others: each
+    row's uniforms are laid out by its own K (rows near max_tokens get a smaller K than the batch)."""
+    target, drafter = small_pair
+    params = [SamplingParams(temperature=1.0, max_tokens=5 + 4 * i, seed=100 + i) for i in range(len(PROMPTS))]
+    together = TorchEngine(target, drafter, max_batch=7, kmax=8).generate(PROMPTS, params, plan=Plan(4))
+    alone = [TorchEngine(target, drafter, max_batch=1, kmax=8).generate([p], [sp], plan=Plan(4))[0]
+             for p, sp in zip(PROMPTS, params)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]

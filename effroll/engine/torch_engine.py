@@ -280,10 +280,15 @@ class TorchEngine:
         temp = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows])
         topk = torch.tensor([r.params.top_k for r in rows], dtype=torch.long)
         topp = torch.tensor([float(r.params.top_p) for r in rows])
-        # Per-row uniforms from each request's own stream: [0:K) draft sampling, [K:2K) acceptance, [2K] final.
+        # Per-row uniforms from each request's own stream, laid out by the row's OWN k: [0:k) draft
+        # sampling, [k:2k) acceptance, [2k] final, and the stream advances by 2k+1. So a row's draws
+        # depend on its seed and its own draft lengths, never on the rest of the batch.
+        kt = torch.tensor(ks, dtype=torch.long)
         u = uniforms(torch.tensor([r.seed for r in rows]), torch.tensor([r.rng_used for r in rows]), 2 * K + 1)
-        for i, r in enumerate(rows):
-            r.rng_used += 2 * K + 1
+        u_acc = u.gather(1, (kt.view(-1, 1) + torch.arange(K).view(1, -1)).clamp(max=2 * K))
+        u_fin = u.gather(1, (2 * kt).view(-1, 1)).view(-1)
+        for r, k in zip(rows, ks):
+            r.rng_used += 2 * k + 1
 
         # ---- draft (with catch-up merged into the first drafter forward)
         draft = torch.zeros(B, K, dtype=torch.long)
@@ -325,14 +330,13 @@ class TorchEngine:
         K1 = K + 1
         lp = process_logits(logits.view(B * K1, -1), temp.repeat_interleave(K1), topk.repeat_interleave(K1),
                             topp.repeat_interleave(K1)).view(B, K1, -1)
-        kt = torch.tensor(ks, dtype=torch.long)
         j = torch.zeros(B, dtype=torch.long)
         final = torch.zeros(B, dtype=torch.long)
         if bool((~greedy).any()):
             idx = (~greedy).nonzero().flatten()
             p = lp[idx].exp()
             qq = q[idx] if q is not None else torch.zeros(len(idx), 0, self.vocab)
-            jj, ff = speculative_accept(p, qq, draft[idx], kt[idx], u[idx, K : 2 * K], u[idx, 2 * K])
+            jj, ff = speculative_accept(p, qq, draft[idx], kt[idx], u_acc[idx], u_fin[idx])
             j[idx], final[idx] = jj, ff
         if any_greedy:
             idx = greedy.nonzero().flatten()
