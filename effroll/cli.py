@@ -366,7 +366,10 @@ def tune_cmd(model_path, recipe, out, plot, budget_s, batch_sizes, context_lens,
     click.echo(f"held-out batch sizes {profile['fit']['holdout_batch_sizes']}: step-time MAPE {pct(h['mape'])} "
                f"per point ({pct(h['mape_steps'])} per step), toggle sign accuracy {pct(h['sign_accuracy'])} "
                f"over {h.get('n_sign', 0)} points")
-    click.echo(f"toggle: speculate for B <= {t['batch_threshold']}; K by batch size {t['k_by_batch']}")
+    click.echo(f"toggle at a = {report['acceptance']:.3f}: speculate for B <= {t['batch_threshold']}; "
+               f"K by batch size {t['k_by_batch']}")
+    be = {b: v for b, v in t["breakeven_a_by_batch"].items() if v is not None}
+    click.echo(f"acceptance SD needs to pay, by batch size: {be or 'none: SD does not pay here even at a = 0.99'}")
     if plot:
         click.echo(f"plot: {plot}")
     click.echo(str(path))

@@ -114,7 +114,7 @@ def sweep(model: Transformer, drafter: Transformer, grid: Grid, *, tokenizer=Non
     skipped (listed in ``Sweep.skipped``, with a warning), never cut in the middle.
     """
     cells = sorted(((B, L) for B in grid.batch_sizes for L in grid.context_lens), key=lambda c: (c[0] * c[1], c))
-    per_round = [0] * 2 + list(grid.ks)  # two AR steps, then each K
+    per_round = [0] * 2 + list(grid.ks)  # two AR steps, then each K (rotated per round)
     kmax = max(grid.ks)
     out = Sweep()
     t_start = time.perf_counter()
@@ -134,8 +134,11 @@ def sweep(model: Transformer, drafter: Transformer, grid: Grid, *, tokenizer=Non
                                            seed=seed * 1000 + i))
         eng.step(0)  # admission + prefill + first AR step: not measured
         eng.step(grid.ks[0])  # first drafter catch-up over the whole prompt: not measured
-        for _ in range(grid.rounds):
-            for k in per_round:
+        for r in range(grid.rounds):
+            # rotate the K order each round: the first SD step after the AR steps pays the drafter
+            # catch-up, and per-point medians should not charge it to the same K every round
+            ks = list(grid.ks[r % len(grid.ks):]) + list(grid.ks[:r % len(grid.ks)])
+            for k in [0, 0] + ks:
                 rec = eng.step(k)
                 if rec.batch_size != B:
                     raise RuntimeError(f"effroll tune: a row finished early in cell B={B} L={L} (engine bug?)")
@@ -204,8 +207,30 @@ def measured_acceptance(sw: Sweep) -> float:
     return est.rate
 
 
+def breakeven_acceptance(cm: CostModel, batch_sizes, L: float, ks, margin: float = 0.0) -> dict[str, float | None]:
+    """Per batch size: the lowest acceptance rate at which SD (best K of ``ks``) beats AR by ``margin``
+    under ``cm``; None where even a = 0.99 does not pay. Tells what drafter quality this machine needs."""
+    ks = np.array(sorted(ks), dtype=float)
+
+    def pays(B, a):
+        return float(np.max(expected_tokens(a, ks) / cm.predict_sd(B, L, ks))) * float(cm.predict_ar(B, L)) > 1 + margin
+
+    out: dict[str, float | None] = {}
+    for B in batch_sizes:
+        if not pays(B, 0.99):
+            out[str(B)] = None
+            continue
+        lo, hi = 0.0, 0.99
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if pays(B, mid) else (mid, hi)
+        out[str(B)] = round(hi, 4)
+    return out
+
+
 def speedup_curves(cm: CostModel, sw: Sweep, a: float) -> dict[int, dict[int, dict[str, list]]]:
-    """For each L cell and K: batch sizes with the measured and the predicted SD/AR goodput ratio."""
+    """For each L cell and K: batch sizes with the measured and the predicted SD/AR goodput ratio
+    (both at the point's median drafter catch-up, so they compare like for like)."""
     pts = point_table(sw)
     curves: dict[int, dict[int, dict[str, list]]] = {}
     for (B, Lc, K), v in sorted(pts.items()):
@@ -216,7 +241,7 @@ def speedup_curves(cm: CostModel, sw: Sweep, a: float) -> dict[int, dict[int, di
         c = curves.setdefault(Lc, {}).setdefault(K, {"B": [], "measured": [], "predicted": []})
         c["B"].append(B)
         c["measured"].append(E * ar["seconds"] / v["seconds"])
-        c["predicted"].append(E * _predict(cm, B, ar["L"], 0) / _predict(cm, B, v["L"], K))
+        c["predicted"].append(E * _predict(cm, B, ar["L"], 0) / _predict(cm, B, v["L"], K, v["catchup"]))
     return curves
 
 
@@ -245,6 +270,8 @@ def plot(cm: CostModel, sw: Sweep, a: float, toggle: dict, path: str, title: str
         thr = toggle.get("batch_threshold", 0)
         if thr:
             ax.axvline(thr, color="r", ls="--", lw=1.2, label=f"toggle: SD for B <= {thr}")
+        else:
+            ax.plot([], [], "r--", label="toggle: SD never pays at this a")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("active batch size B")
         ax.set_title(f"context L ~ {Lc}")
@@ -278,6 +305,7 @@ def tune(model: Transformer, drafter: Transformer, *, recipe: str, grid: Grid | 
     train_eval = evaluate(full, sw, a, measured_b)
     L_mid = float(statistics.median(r.mean_context_len for r in sw.records))
     toggle = toggle_table(full, a, L_mid, k_ladder=grid.ks, batch_sizes=tuple(measured_b), margin=margin)
+    toggle["breakeven_a_by_batch"] = breakeven_acceptance(full, measured_b, L_mid, grid.ks, margin)
     fitinfo = {"mape": heldout_eval["mape"], "mape_steps": heldout_eval["mape_steps"],
                "sign_accuracy": heldout_eval["sign_accuracy"], "holdout_batch_sizes": holdout,
                "n_points": heldout_eval["n_points"], "train_mape": train_eval["mape"],

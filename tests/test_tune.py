@@ -147,3 +147,16 @@ def test_auto_profile_picks_a_matching_shipped_profile(tmp_path, monkeypatch, sm
     llm = LLM(target, recipe="rtn-sym-g32", max_batch=2)
     assert AdaptiveSpecRollout(None, llm=llm).stats()["profile"] == str(tmp_path / "d_mine.json")
     assert AdaptiveSpecRollout(None, llm=llm, profile=None).stats()["profile"] is None
+
+
+def test_breakeven_acceptance_matches_the_goodput_rule():
+    from effroll.control.acceptance import expected_tokens
+    from effroll.tune import breakeven_acceptance
+
+    cm = fit(_synthetic_sweep(noise=0.0))
+    be = breakeven_acceptance(cm, [1, 4, 16], L=128, ks=(1, 2, 4))
+    assert be["1"] is not None and (be["16"] is None or be["16"] > be["4"] > be["1"])  # bigger batches need more
+    a = be["1"]
+    ratio = lambda a: max(expected_tokens(a, k) / float(cm.predict_sd(1, 128, k)) for k in (1, 2, 4)) \
+        * float(cm.predict_ar(1, 128))  # noqa: E731
+    assert ratio(a + 0.01) > 1 > ratio(a - 0.01)
