@@ -413,3 +413,24 @@ def test_profile_errors(profile, tmp_path):
     bad.write_text(json.dumps(dict(profile, schema_version=2)))
     with pytest.raises(ValueError, match=r"bad\.json"):
         Controller(profile=str(bad))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_acceptance_probes_discover_a_better_drafter_and_stop_for_a_worse_one(profile, seed):
+    """The profile's acceptance prior (0.45) says SD does not pay at B=4; the drafter is really at
+    0.9 (SD pays 1.5x there). In AR no acceptance is observed, so only the optimistic probes can
+    find out. With a truly poor drafter (0.3) the probes must die out."""
+    t = Truth()
+    assert not t.best(4, 300, 0.45)[0] and t.best(4, 300, 0.9)[2] > 1.4 and not t.best(4, 300, 0.3)[0]
+    prof = json.loads(json.dumps(profile))
+    prof["toggle"]["a"] = 0.45
+    good = Controller(profile=prof)
+    log = rollout(good, np.random.default_rng(seed), n=4, lengths=np.full(4, 10**6), a=0.9, max_steps=200)
+    assert np.mean([r["spec"] for r in log[100:]]) > 0.95
+    poor = Controller(profile=prof)
+    log = rollout(poor, np.random.default_rng(seed), n=4, lengths=np.full(4, 10**6), a=0.3, max_steps=300)
+    assert poor.stats()["acceptance_probe_steps"] <= 12
+    assert not any(r["spec"] for r in log[150:])
+    no_explore = Controller(profile=prof, explore_z=0)
+    log = rollout(no_explore, np.random.default_rng(seed), n=4, lengths=np.full(4, 10**6), a=0.9, max_steps=200)
+    assert not any(r["spec"] for r in log)  # without probes the better drafter is never found

@@ -25,6 +25,12 @@ where that mode was never measured, at most once per ``probe_gap`` steps. So the
 extrapolates far (a rollout whose batch drains 64 -> 1 costs about a dozen probe steps) and the
 controller converges to the faster mode. With a profile, its fitted domain counts as measured:
 no warm-up, no probes inside it, and its ``toggle.a`` (if any) is the acceptance prior.
+
+Acceptance probes: acceptance is only observed while speculating, so a controller in AR mode
+would never learn that a new drafter is better than its prior. While in AR, at most once per
+``probe_gap`` steps, it drafts one step if SD would pay at an optimistic acceptance
+a + ``explore_z`` * stderr(a) (upper-confidence exploration); each probe adds verified positions,
+the stderr shrinks, and the probes stop wherever SD does not pay even optimistically.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ class Controller:
                  margin: float = 0.05, hysteresis: int = 3, *, static_threshold: int | None = None,
                  static_k: int | None = None, acceptance: AcceptanceEstimator | None = None,
                  cost_model: CostModel | None = None, warmup_cycles: int = 3,
-                 probe_ratio: float = 1.5, probe_gap: int = 8, stay_z: float = 1.0) -> None:
+                 probe_ratio: float = 1.5, probe_gap: int = 8, stay_z: float = 1.0,
+                 explore_z: float = 1.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown controller policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.policy = policy
@@ -77,6 +84,9 @@ class Controller:
         if not (isinstance(stay_z, (int, float)) and stay_z >= 0):
             raise ValueError(f"stay_z must be >= 0, got {stay_z!r}")
         self.probe_ratio, self.probe_gap, self.stay_z = float(probe_ratio), int(probe_gap), float(stay_z)
+        if not (isinstance(explore_z, (int, float)) and explore_z >= 0):
+            raise ValueError(f"explore_z must be >= 0, got {explore_z!r}")
+        self.explore_z = float(explore_z)
 
         if isinstance(profile, (str, Path)):
             profile = load_profile(profile)
@@ -167,6 +177,15 @@ class Controller:
         if self._since_probe >= self.probe_gap and not self._covered(other, B, L):
             self._since_probe = 0
             return (self.k if other else 0), "probe"
+        if not self._spec and self.explore_z > 0 and self._since_probe >= self.probe_gap:
+            # Acceptance is only observed while speculating: if SD would pay at an optimistic
+            # acceptance (a + z * stderr), draft one step to learn a. As positions accumulate the
+            # stderr shrinks and these probes stop where SD does not pay.
+            k_opt, r_opt = self.goodput_ratio(B, L, self.explore_z * self.acceptance.stderr)
+            if r_opt > 1.0 + self.margin:
+                self._since_probe = 0
+                self.counters["acceptance_probe_steps"] += 1
+                return k_opt, "probe"
         return (self.k if self._spec else 0), "decision"
 
     def plan(self, view) -> Plan:
@@ -228,6 +247,7 @@ class Controller:
             "speculative_steps": c["speculative_steps"],
             "warmup_steps": c["warmup_steps"],
             "probe_steps": c["probe_steps"],
+            "acceptance_probe_steps": c["acceptance_probe_steps"],
             "toggles": c["toggles"],
             "mode": None if self._spec is None else ("sd" if self._spec else "ar"),
             "k": self.k,
