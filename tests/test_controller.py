@@ -424,13 +424,13 @@ def test_acceptance_probes_discover_a_better_drafter_and_stop_for_a_worse_one(pr
     assert not t.best(4, 300, 0.45)[0] and t.best(4, 300, 0.9)[2] > 1.4 and not t.best(4, 300, 0.3)[0]
     prof = json.loads(json.dumps(profile))
     prof["toggle"]["a"] = 0.45
-    good = Controller(profile=prof)
+    good = Controller(profile=prof, explore_z=1.0)
     log = rollout(good, np.random.default_rng(seed), n=4, lengths=np.full(4, 10**6), a=0.9, max_steps=200)
     assert np.mean([r["spec"] for r in log[100:]]) > 0.95
-    poor = Controller(profile=prof)
+    poor = Controller(profile=prof, explore_z=1.0)
     log = rollout(poor, np.random.default_rng(seed), n=4, lengths=np.full(4, 10**6), a=0.3, max_steps=300)
     assert poor.stats()["acceptance_probe_steps"] <= 12
     assert not any(r["spec"] for r in log[150:])
-    no_explore = Controller(profile=prof, explore_z=0)
+    no_explore = Controller(profile=prof)  # the default: no acceptance probes
     log = rollout(no_explore, np.random.default_rng(seed), n=4, lengths=np.full(4, 10**6), a=0.9, max_steps=200)
     assert not any(r["spec"] for r in log)  # without probes the better drafter is never found

@@ -31,6 +31,12 @@ would never learn that a new drafter is better than its prior. While in AR, at m
 ``probe_gap`` steps, it drafts one step if SD would pay at an optimistic acceptance
 a + ``explore_z`` * stderr(a) (upper-confidence exploration); each probe adds verified positions,
 the stderr shrinks, and the probes stop wherever SD does not pay even optimistically.
+Off by default (``explore_z=0``): a probe after a long AR stretch pays the drafter catch-up of
+every row's missed tokens, which the per-step comparison does not charge. In the GRPO run
+(experiments/README.md) probes with explore_z=1 found a 0.80-0.88 drafter behind a 0.61 prior and
+switched SD on at small B, and the rollouts got slower (5.3 s vs 4.2 s mean): catch-up and
+toggling cost more than the ~1.1x steady-state gain. Making switch-on decisions catch-up-aware
+(saving over the rows' remaining tokens vs T_catchup(backlog)) is the next step.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ class Controller:
                  static_k: int | None = None, acceptance: AcceptanceEstimator | None = None,
                  cost_model: CostModel | None = None, warmup_cycles: int = 3,
                  probe_ratio: float = 1.5, probe_gap: int = 8, stay_z: float = 1.0,
-                 explore_z: float = 1.0) -> None:
+                 explore_z: float = 0.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown controller policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.policy = policy
