@@ -7,7 +7,7 @@ rollout wall time, end-to-end step time, mean acceptance (fresh vs stale drafter
 steps speculated, K chosen, drafter refresh seconds, the fresh vs step-0 drafter scored on the same
 rollouts (grpo_drift.png), and the reward curves of all runs. Prints a
 markdown summary (means and ratios to AR), the greedy-identity checks, and the lossless test of
-``ar`` vs ``adaptive`` at temperature 1:
+``ar`` vs ``adaptive`` and ``ar`` vs ``sd`` at temperature 1:
   * primary: the step-0 "eval" samples (same policy, held-out problems, independent seeds per mode):
     reward (correct / not) by Fisher's exact test, response length by two-sided Mann-Whitney U and
     two-sample Kolmogorov-Smirnov (scipy; without scipy a two-sided permutation test on the means);
@@ -268,20 +268,30 @@ def main(argv=None) -> int:
               f"at near-ties, {g['rows_diverged_clear_margin']} at a clear margin")
     print(f"step-0 AR greedy digests equal across runs: {result['greedy']['step0_same_across_runs']} {digests0}")
 
-    if "ar" in runs and "adaptive" in runs:
+    # Lossless at temperature 1: AR vs each speculative mode. eval_step0 (same step-0 policy, independent
+    # seeds) is the test; the pooled training samples are descriptive (each run's policy drifts after step 1).
+    # A mode that never speculated is reported as such: its test would compare AR with AR.
+    for other in ("adaptive", "sd"):
+        if "ar" not in runs or other not in runs:
+            continue
         tests = {}
-        ea, eb = runs["ar"].get("eval"), runs["adaptive"].get("eval")
+        ea, eb = runs["ar"].get("eval"), runs[other].get("eval")
         if ea and eb:
             tests["eval_step0"] = compare(ea[0]["rewards"], eb[0]["rewards"], ea[0]["lengths"], eb[0]["lengths"])
         pool = {m: ([x for r in runs[m]["step"] for x in r["rewards"]], [x for r in runs[m]["step"] for x in r["lengths"]])
-                for m in ("ar", "adaptive")}
-        tests["training_pooled"] = compare(pool["ar"][0], pool["adaptive"][0], pool["ar"][1], pool["adaptive"][1])
-        result["ar_vs_adaptive"] = tests
+                for m in ("ar", other)}
+        tests["training_pooled"] = compare(pool["ar"][0], pool[other][0], pool["ar"][1], pool[other][1])
+        spec = _mean([r.get("speculative_share") or 0.0 for r in runs[other]["step"]])
+        tests["speculative_share"] = spec
+        result[f"ar_vs_{other}"] = tests
+        note = " (never speculated: this compares AR with AR)" if not spec else ""
         for name, t in tests.items():
+            if name == "speculative_share":
+                continue
             ks = f", KS p = {t['length_ks_p']:.3g}" if "length_ks_p" in t else ""
-            print(f"ar vs adaptive [{name}] n={t['n']}: reward {t['reward_mean'][0]:.3f} vs {t['reward_mean'][1]:.3f} "
+            print(f"ar vs {other} [{name}] n={t['n']}: reward {t['reward_mean'][0]:.3f} vs {t['reward_mean'][1]:.3f} "
                   f"({t['reward_test']} p = {t['reward_p']:.3g}); length {t['length_mean'][0]:.1f} vs "
-                  f"{t['length_mean'][1]:.1f} ({t['length_test']} p = {t['length_p']:.3g}{ks})")
+                  f"{t['length_mean'][1]:.1f} ({t['length_test']} p = {t['length_p']:.3g}{ks}){note}")
     (out / "grpo_stats.json").write_text(json.dumps(result, indent=2))
     print(f"\nwrote {len(pngs)} PNGs and grpo_stats.json to {out}")
     return 0
