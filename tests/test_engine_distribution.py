@@ -54,8 +54,8 @@ def exact_distribution(model, prompt, params: SamplingParams, depth: int, eos: s
     return dist
 
 
-def sample_engine(target, drafter, params, plan, n=N_SAMPLES, max_batch=500):
-    eng = TorchEngine(target, drafter, max_batch=max_batch, kmax=5, seed=123)
+def sample_engine(target, drafter, params, plan, n=N_SAMPLES, max_batch=500, share_kv=None):
+    eng = TorchEngine(target, drafter, max_batch=max_batch, kmax=5, seed=123, share_kv=share_kv)
     drafted = accepted = 0
 
     def on_step(rec):
@@ -117,6 +117,10 @@ SETTINGS = [
     ("t0.7-toggled", SamplingParams(temperature=0.7, max_tokens=6), "alternating"),
     ("t1.0-ar", SamplingParams(temperature=1.0, max_tokens=6), Plan(0)),
 ]
+# The drafter shares the target's KV cache by default (same geometry); these settings also run with the
+# drafter's own cache, the path with catch-up (speculation toggled on after AR steps feeds the missed tokens).
+OWN_CACHE = {"t1.0-k3", "t1.0-mixedK", "t0.7-toggled"}
+SETTINGS += [(name + "-owncache", params, plan) for name, params, plan in SETTINGS if name in OWN_CACHE]
 
 
 @pytest.mark.parametrize("name,params,plan", SETTINGS, ids=[s[0] for s in SETTINGS])
@@ -126,7 +130,7 @@ def test_speculative_matches_exact_distribution(tiny_pair, name, params, plan):
         plan = alternating(3)
     exact = exact_distribution(target, PROMPT, params, DEPTH, eos={0})
     assert abs(sum(exact.values()) - 1) < 1e-6
-    counts, acc = sample_engine(target, drafter, params, plan)
+    counts, acc = sample_engine(target, drafter, params, plan, share_kv=not name.endswith("-owncache"))
     assert sum(counts.values()) == N_SAMPLES
     p = chi_square_pvalue(counts, exact, N_SAMPLES)
     assert p > ALPHA, f"{name}: chi-square p={p:.2e} (acceptance {acc})"

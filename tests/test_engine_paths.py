@@ -36,12 +36,14 @@ def get_plan(name):
     return toggled(4) if PLANS[name] == "toggled" else PLANS[name]
 
 
+@pytest.mark.parametrize("share_kv", [True, False], ids=["shared-kv", "own-cache"])
 @pytest.mark.parametrize("plan", [p for p in PLANS if p != "ar"])
-def test_greedy_speculative_is_token_identical_to_ar(small_pair, plan):
+def test_greedy_speculative_is_token_identical_to_ar(small_pair, plan, share_kv):
     target, drafter = small_pair
     params = SamplingParams(temperature=0, max_tokens=40)
     ar = TorchEngine(target, drafter, max_batch=3, kmax=8).generate(PROMPTS, params, plan=Plan(0))
-    sd = TorchEngine(target, drafter, max_batch=3, kmax=8).generate(PROMPTS, params, plan=get_plan(plan))
+    sd = TorchEngine(target, drafter, max_batch=3, kmax=8, share_kv=share_kv).generate(PROMPTS, params,
+                                                                                      plan=get_plan(plan))
     assert [o.token_ids for o in sd] == [o.token_ids for o in ar]
     assert [o.finish_reason for o in sd] == [o.finish_reason for o in ar]
     assert any(o.finish_reason == "stop" for o in ar) and any(o.finish_reason == "length" for o in ar)
@@ -64,9 +66,10 @@ def reference_logprobs(model, prompt, out, params):
     SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=30, seed=2),
     SamplingParams(temperature=0, max_tokens=30),
 ], ids=["t1", "t0.7-topk-topp", "greedy"])
-def test_logprobs_equal_fresh_full_forward(small_pair, plan, params):
+@pytest.mark.parametrize("share_kv", [True, False], ids=["shared-kv", "own-cache"])
+def test_logprobs_equal_fresh_full_forward(small_pair, plan, params, share_kv):
     target, drafter = small_pair
-    eng = TorchEngine(target, drafter, max_batch=4, kmax=8)
+    eng = TorchEngine(target, drafter, max_batch=4, kmax=8, share_kv=share_kv)
     outs = eng.generate(PROMPTS, params, plan=get_plan(plan))
     for prompt, o in zip(PROMPTS, outs):
         assert len(o.logprobs) == len(o.token_ids) > 0
@@ -104,9 +107,11 @@ def test_max_tokens_and_stop_cut_inside_accepted_draft():
     assert sum(r.total_accepted for r in recs) == sum(r.drafted for r in recs)  # identical drafter accepts all
 
 
-def test_step_records_and_continuous_batching(small_pair):
+@pytest.mark.parametrize("share_kv", [True, False], ids=["shared-kv", "own-cache"])
+def test_step_records_and_continuous_batching(small_pair, share_kv):
     target, drafter = small_pair
-    eng = TorchEngine(target, drafter, max_batch=2, kmax=4)
+    eng = TorchEngine(target, drafter, max_batch=2, kmax=4, share_kv=share_kv)
+    assert eng.share_kv == share_kv and (eng.dcache is None) == share_kv
     recs = []
     outs = eng.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=12, seed=3), plan=mixed, on_step=recs.append)
     assert len(outs) == len(PROMPTS)
@@ -118,15 +123,17 @@ def test_step_records_and_continuous_batching(small_pair):
         assert all(0 <= a <= k for a, k in zip(r.accepted, r.k))
         assert all(1 <= e <= a + 1 for e, a in zip(r.emitted, r.accepted))
     assert len({tuple(r.k) for r in recs if r.batch_size == 2}) > 1  # per-row K differed
-    assert any(r.catchup_tokens > 0 for r in recs)
+    # own cache: the drafter catches up (e.g. after a row's K=0 steps); shared: it never has to
+    assert any(r.catchup_tokens > 0 for r in recs) != share_kv
 
 
-def test_catch_up_after_drafter_swap_and_ar_steps(small_pair):
+@pytest.mark.parametrize("share_kv", [True, False], ids=["shared-kv", "own-cache"])
+def test_catch_up_after_drafter_swap_and_ar_steps(small_pair, share_kv):
     """Turning speculation on after AR steps, and swapping the drafter mid-rollout, stays exact (greedy)."""
     target, drafter = small_pair
     params = SamplingParams(temperature=0, max_tokens=30)
     ref = TorchEngine(target, max_batch=4).generate(PROMPTS, params)
-    eng = TorchEngine(target, drafter, max_batch=4, kmax=6)
+    eng = TorchEngine(target, drafter, max_batch=4, kmax=6, share_kv=share_kv)
     other = perturbed_copy(target, seed=9, scale=0.1)
     for n, p in enumerate(PROMPTS):
         eng.add_request(p, params, request_id=str(n))
@@ -245,3 +252,11 @@ def test_seeded_speculative_sampling_does_not_depend_on_the_batch(small_pair):
     alone = [TorchEngine(target, drafter, max_batch=1, kmax=8).generate([p], [sp], plan=Plan(4))[0]
              for p, sp in zip(PROMPTS, params)]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+def test_share_kv_needs_the_target_geometry(small_pair):
+    target, _ = small_pair
+    other = random_model(tiny_config(vocab=97, layers=2, eos=(1,)), seed=5)  # 2 layers vs the target's 3
+    assert not TorchEngine(target, other).share_kv  # auto: falls back to its own cache
+    with pytest.raises(ValueError, match="share_kv=True needs a drafter with the target's KV-cache geometry"):
+        TorchEngine(target, other, share_kv=True)

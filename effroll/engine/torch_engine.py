@@ -11,6 +11,15 @@ Per-row invariants between steps (``n = len(row.tokens)``, prompt + output):
 A step: [catch-up + draft K tokens] -> one target forward over [pending, x_1..x_K]
 -> batched rejection sampling -> emit, stop checks, roll both caches back by
 setting the row's lengths.
+
+Shared KV (``share_kv``, the default whenever the drafter has the target's cache geometry, as
+every self-derived INT4 drafter does): the drafter has no cache of its own. It attends to the
+*target's* K/V for the committed prefix and writes its own K/V only at the draft positions
+t_len..t_len+K-1, which the verify forward then overwrites (a layer writes its new K/V before
+it attends). So there is no catch-up at all (turning speculation on after AR steps is free, and
+so is a new drafter), the drafter sees the exact prefix, and the drafter cache's memory is
+saved. The target's computation never reads a drafter-written entry. Lossless either way: the
+acceptance rule only needs q to be the distribution each draft was sampled from.
 """
 
 from __future__ import annotations
@@ -91,6 +100,7 @@ class TorchEngine:
         max_seq_len: int | None = None,
         kmax: int = 8,
         seed: int = 0,
+        share_kv: bool | None = None,
     ):
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be an effroll Transformer, got {type(model).__name__}")
@@ -112,6 +122,8 @@ class TorchEngine:
         self.finished: list[RequestOutput] = []
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)
+        self.share_kv_option = share_kv  # None: share whenever the geometry allows
+        self.share_kv = False
         self.step_index = 0
         self.policy_version = 0
         self._pending_prefill = (0.0, 0, 0)  # seconds, tokens, rows admitted since last record
@@ -138,6 +150,17 @@ class TorchEngine:
             self.drafter, self.dcache = None, None
             return
         self.check_drafter(drafter)
+        t, d = self.model.cfg, drafter.cfg
+        shareable = ((d.num_layers, d.num_kv_heads, d.head_dim) == (t.num_layers, t.num_kv_heads, t.head_dim)
+                     and drafter.dtype == self.model.dtype and drafter.device == self.model.device)
+        if self.share_kv_option and not shareable:
+            raise ValueError("share_kv=True needs a drafter with the target's KV-cache geometry, dtype and device "
+                             f"(layers, kv heads, head dim: drafter {(d.num_layers, d.num_kv_heads, d.head_dim)}, "
+                             f"target {(t.num_layers, t.num_kv_heads, t.head_dim)})")
+        self.share_kv = shareable if self.share_kv_option is None else bool(self.share_kv_option)
+        if self.share_kv:
+            self.drafter, self.dcache = drafter, None
+            return
         same_shape = (
             self.dcache is not None
             and self.drafter is not None
@@ -295,11 +318,14 @@ class TorchEngine:
         q = None
         t_d = time.perf_counter()
         if K > 0:
-            assert self.drafter is not None and self.dcache is not None
+            assert self.drafter is not None and (self.share_kv or self.dcache is not None)
             q = torch.zeros(B, K, self.vocab)
-            feeds = [r.tokens[r.d_len :] for r in rows]
+            if self.share_kv:  # the target cache holds the prefix: feed just the pending token
+                dcache, feeds, starts = self.cache, [r.tokens[-1:] for r in rows], [r.t_len for r in rows]
+            else:
+                dcache, feeds, starts = self.dcache, [r.tokens[r.d_len :] for r in rows], [r.d_len for r in rows]
             rec.catchup_tokens = sum(len(f) - 1 for f in feeds)
-            h = self._forward(self.drafter, self.dcache, 0, feeds, [r.d_len for r in rows])
+            h = self._forward(self.drafter, dcache, 0, feeds, starts)
             last = torch.tensor([len(f) - 1 for f in feeds], device=h.device)
             hl = h[torch.arange(B, device=h.device), last]
             for r in rows:
@@ -314,7 +340,7 @@ class TorchEngine:
                 draft[:, j] = x
                 if j + 1 < K:
                     start = [len(r.tokens) + j for r in rows]
-                    h = self.drafter(x.view(B, 1).to(dev), torch.tensor(start, device=dev), self.dcache, start)
+                    h = self.drafter(x.view(B, 1).to(dev), torch.tensor(start, device=dev), dcache, start)
                     hl = h[:, 0]
         rec.draft_s = time.perf_counter() - t_d
 
