@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fp32", action="store_true", help="train in plain fp32 (default: fp32 weights + bf16 autocast)")
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient to the reference model (0 = off)")
     ap.add_argument("--k", type=int, default=4, help="draft length for sd / sd-stale (adaptive: the controller's)")
+    ap.add_argument("--explore-z", type=float, default=None,
+                    help="adaptive: the controller's acceptance-probe optimism (default: the controller's, 0 = off)")
+    ap.add_argument("--tag", default="", help="suffix of the output file name (grpo_<mode><tag>.jsonl)")
     ap.add_argument("--recipe", default="rtn-asym-g64", help="drafter recipe (quant/*.toml)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-dtype", default="bf16", choices=("bf16", "fp32"), help="rollout engine dtype")
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"grpo_{args.mode}.jsonl"
+    path = out / f"grpo_{args.mode}{args.tag}.jsonl"
     path.write_text("")
 
     def write(rec):
@@ -129,8 +132,10 @@ def main(argv=None) -> int:
         probe = GreedyProbe(llm, pp, args.mode, max_tokens=args.probe_tokens, k=args.k)
         write({"kind": "probe", "mode": args.mode, "step": 0, **probe.check()})
 
+    ckw = None if args.explore_z is None else {"explore_z": args.explore_z}
     rollout = build_rollout(llm, args.mode, make_rollout_func(llm, tok, max_tokens=args.max_tokens,
-                                                               temperature=args.temperature, seed=args.seed), k=args.k)
+                                                               temperature=args.temperature, seed=args.seed), k=args.k,
+                            controller_kwargs=ckw)
     log = StepLog(rollout)
     dataset = datasets.Dataset.from_list(make_problems(args.prompts_per_step * args.steps, args.seed))
     drift = DrafterDrift(llm, recipe=args.recipe, max_sequences=args.drift_sequences) if args.drift_sequences else None

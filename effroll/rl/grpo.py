@@ -94,13 +94,14 @@ def make_rollout_func(llm: LLM, tokenizer: Any, *, max_tokens: int, temperature:
     return rollout_func
 
 
-def build_rollout(llm: LLM, mode: str, rollout_func: Callable[..., Any], *, k: int = 4) -> AdaptiveSpecRollout:
+def build_rollout(llm: LLM, mode: str, rollout_func: Callable[..., Any], *, k: int = 4,
+                  controller_kwargs: dict | None = None) -> AdaptiveSpecRollout:
     """The wrapper for a run mode: ``sd-stale`` is fixed-K ``sd`` whose drafter is never refreshed (the
     watchdog, which would re-derive a decaying drafter, is off there: staleness is the point)."""
     check_mode(mode)
     if mode == "sd-stale":
         return AdaptiveSpecRollout(rollout_func, llm=llm, mode="sd", k=k, watchdog=False)
-    return AdaptiveSpecRollout(rollout_func, llm=llm, mode=mode, k=k)
+    return AdaptiveSpecRollout(rollout_func, llm=llm, mode=mode, k=k, controller_kwargs=controller_kwargs)
 
 
 class StepLog:
