@@ -31,12 +31,12 @@ would never learn that a new drafter is better than its prior. While in AR, at m
 ``probe_gap`` steps, it drafts one step if SD would pay at an optimistic acceptance
 a + ``explore_z`` * stderr(a) (upper-confidence exploration); each probe adds verified positions,
 the stderr shrinks, and the probes stop wherever SD does not pay even optimistically.
-Off by default (``explore_z=0``): a probe after a long AR stretch pays the drafter catch-up of
-every row's missed tokens, which the per-step comparison does not charge. In the GRPO run
-(experiments/README.md) probes with explore_z=1 found a 0.80-0.88 drafter behind a 0.61 prior and
-switched SD on at small B, and the rollouts got slower (5.3 s vs 4.2 s mean): catch-up and
-toggling cost more than the ~1.1x steady-state gain. Making switch-on decisions catch-up-aware
-(saving over the rows' remaining tokens vs T_catchup(backlog)) is the next step.
+Off by default (``explore_z=0``). With a drafter that keeps its own KV cache, a probe after a long
+AR stretch pays the drafter catch-up of every row's missed tokens, which the per-step comparison
+does not charge: in the GRPO run (experiments/README.md) probes found a 0.80-0.88 drafter behind a
+0.61 prior and the rollouts got 1.33x slower. With the shared KV cache (the default for
+self-derived drafters) there is no catch-up and the same run kept AR speed; whether probes should
+be on by default needs a workload where the tail is long enough to gain.
 """
 
 from __future__ import annotations
