@@ -30,7 +30,7 @@ import numpy as np
 
 from .control.acceptance import AcceptanceEstimator, expected_tokens
 from .control.controller import toggle_table
-from .control.cost_model import CostModel, record_samples
+from .control.cost_model import CostModel, record_samples, sign_accuracy
 from .control.profile import make_profile
 from .engine.model import Transformer
 from .engine.records import StepRecord
@@ -133,7 +133,7 @@ def sweep(model: Transformer, drafter: Transformer, grid: Grid, *, tokenizer=Non
                             SamplingParams(temperature=temperature, max_tokens=new_tokens, ignore_eos=True,
                                            seed=seed * 1000 + i))
         eng.step(0)  # admission + prefill + first AR step: not measured
-        eng.step(grid.ks[0])  # first drafter catch-up over the whole prompt: not measured
+        eng.step(grid.ks[0])  # first SD step (a drafter with its own cache catches up the prompt): not measured
         for r in range(grid.rounds):
             # rotate the K order each round: the first SD step after the AR steps pays the drafter
             # catch-up, and per-point medians should not charge it to the same K every round
@@ -187,17 +187,12 @@ def evaluate(cm: CostModel, sw: Sweep, a: float, batches) -> dict[str, Any]:
     steps = [(r, c) for r, c in zip(sw.records, sw.cell_of) if c[0] in batches]
     step_errs = [abs(_predict(cm, r.batch_size, r.mean_context_len, r.max_k, r.catchup_tokens) - r.seconds) / r.seconds
                  for r, _ in steps]
-    hits = n = 0
-    for (B, Lc, K), v in pts.items():
-        ar = pts.get((B, Lc, 0))
-        if K == 0 or ar is None:
-            continue
-        E = float(expected_tokens(a, K))
-        true = E / v["seconds"] > 1.0 / ar["seconds"]
-        pred = E / _predict(cm, B, v["L"], K) > 1.0 / _predict(cm, B, ar["L"], 0)
-        hits, n = hits + (true == pred), n + 1
+    signs = [{"B": B, "L": v["L"], "K": K, "E": float(expected_tokens(a, K)), "t_sd": v["seconds"],
+              "t_ar": pts[(B, Lc, 0)]["seconds"]} for (B, Lc, K), v in pts.items() if K > 0 and (B, Lc, 0) in pts]
+    n = len(signs)
     return {"mape": float(np.mean(errs)), "mape_steps": float(np.mean(step_errs)),
-            "sign_accuracy": hits / n if n else None, "n_points": len(pts), "n_steps": len(steps), "n_sign": n}
+            "sign_accuracy": sign_accuracy(cm, signs) if n else None, "n_points": len(pts), "n_steps": len(steps),
+            "n_sign": n}
 
 
 def measured_acceptance(sw: Sweep) -> float:

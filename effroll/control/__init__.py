@@ -16,5 +16,6 @@ __all__ = [
     "AcceptanceEstimator", "expected_tokens",
     "Controller", "POLICIES", "toggle_table",
     "CostModel", "Sample", "make_sample", "record_samples", "sign_accuracy",
-    "SCHEMA_VERSION", "find_profile", "hardware_fingerprint", "load_profile", "make_profile", "save_profile", "validate_profile",
+    "SCHEMA_VERSION", "find_profile", "hardware_fingerprint", "load_profile", "make_profile", "save_profile",
+    "validate_profile",
 ]

@@ -24,7 +24,8 @@ in a cell of the log-grid (B cells a factor ``probe_ratio`` wide, L cells ``prob
 where that mode was never measured, at most once per ``probe_gap`` steps. So the model never
 extrapolates far (a rollout whose batch drains 64 -> 1 costs about a dozen probe steps) and the
 controller converges to the faster mode. With a profile, its fitted domain counts as measured:
-no warm-up, no probes inside it, and its ``toggle.a`` (if any) is the acceptance prior.
+no warm-up, no probes inside it (nor at contexts shorter than its shortest: every L term of the
+cost model is linear), and its ``toggle.a`` (if any) is the acceptance prior.
 
 Acceptance probes: acceptance is only observed while speculating, so a controller in AR mode
 would never learn that a new drafter is better than its prior. While in AR, at most once per
@@ -35,8 +36,9 @@ Off by default (``explore_z=0``). With a drafter that keeps its own KV cache, a 
 AR stretch pays the drafter catch-up of every row's missed tokens, which the per-step comparison
 does not charge: in the GRPO run (experiments/README.md) probes found a 0.80-0.88 drafter behind a
 0.61 prior and the rollouts got 1.33x slower. With the shared KV cache (the default for
-self-derived drafters) there is no catch-up and the same run kept AR speed; whether probes should
-be on by default needs a workload where the tail is long enough to gain.
+self-derived drafters) there is no catch-up and the same run kept AR speed, but on fixed-batch runs
+probes still cost up to 1.33x at B=2-4 (a probe drafts at the K that is best at the optimistic
+acceptance, often the largest), so they stay off.
 """
 
 from __future__ import annotations

@@ -70,9 +70,7 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     ``top_k`` [N] (int, 0 = off), ``top_p`` [N] (float, 1.0 = off). Masked tokens get -inf.
     Ties at the top-k boundary are kept (same rule in every path, so AR and SD agree).
     """
-    x = logits.float()
-    if bool((temperature != 1.0).any()):  # x / 1.0 == x exactly: skip a pass over B x V
-        x = x / temperature.view(-1, 1)
+    x = _tempered(logits, temperature)
     kk = top_k.clamp(min=0)
     if bool((kk > 0).any()):
         kmax = int(kk.max())
@@ -100,10 +98,13 @@ def process_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     softmax pass when no row uses top-k/top-p (the drafter's hot path needs probabilities only)."""
     if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
         return process_logits(logits, temperature, top_k, top_p).exp()
+    return torch.softmax(_tempered(logits, temperature), dim=-1)
+
+
+def _tempered(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """float32 logits / temperature per row (x / 1.0 == x exactly: the pass over B x V is skipped at T=1)."""
     x = logits.float()
-    if bool((temperature != 1.0).any()):
-        x = x / temperature.view(-1, 1)
-    return torch.softmax(x, dim=-1)
+    return x / temperature.view(-1, 1) if bool((temperature != 1.0).any()) else x
 
 
 def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
