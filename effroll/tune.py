@@ -168,8 +168,7 @@ def fit(sw: Sweep, exclude_batches=()) -> CostModel:
     cm = CostModel(window=max(64, 4 * len(sw.records)))
     for rec, (B, _) in zip(sw.records, sw.cell_of):
         if B not in exclude_batches:
-            for s in record_samples(rec):
-                cm._add(s)
+            cm.add_samples(record_samples(rec))
     return cm.fit()
 
 

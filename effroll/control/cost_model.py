@@ -148,6 +148,11 @@ class CostModel:
         """A whole SD step without a draft/verify breakdown."""
         self._add(make_sample("sd", B, L, K, seconds, catchup_tokens))
 
+    def add_samples(self, samples) -> None:
+        """Add measured samples without refitting (e.g. a whole `effroll tune` sweep; call ``fit()`` after)."""
+        for smp in samples:
+            self._add(smp)
+
     def _add(self, s: Sample) -> None:
         if not (s.y > 0 and math.isfinite(s.y) and s.B > 0):
             return
@@ -172,8 +177,7 @@ class CostModel:
 
     def observe(self, record) -> None:
         """Add the samples of a live StepRecord (see ``record_samples``) and refit if due."""
-        for smp in record_samples(record):
-            self._add(smp)
+        self.add_samples(record_samples(record))
         if self._pending >= self.refit_every or (self._pending and not self.ready):
             self.fit()
 
