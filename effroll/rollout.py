@@ -280,24 +280,39 @@ class LLM:
         to_sampling_params(sampling_params, self.model.cfg.vocab_size).validate(self.model.cfg.vocab_size)
 
     def generate(self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = False) -> list[GenerationOutput]:
-        prompts, sps = as_request_list(prompts, sampling_params)
-        flat, params, owners = [], [], []
-        results: list[GenerationOutput] = []
-        for i, (p, sp) in enumerate(zip(prompts, sps)):
-            text, ids = self._prompt_ids(p)
-            n = int(getattr(sp, "n", None) or (sp.get("n", 1) if isinstance(sp, Mapping) else 1))
-            base = to_sampling_params(sp, self.model.cfg.vocab_size)
-            results.append(GenerationOutput(f"{i}", text, ids))
-            for j in range(n):
-                s = base if base.seed is None or j == 0 else SamplingParams(**{**base.__dict__, "seed": base.seed + j})
-                flat.append(ids)
-                params.append(s)
-                owners.append((i, j))
+        results, flat, params, owners = expand_requests(prompts, sampling_params, self._prompt_ids,
+                                                        self.model.cfg.vocab_size)
         outs = self.engine.generate(flat, params, plan=self.planner, on_step=self._on_step)
-        for (i, j), o in zip(owners, outs):
-            text = self.tokenizer.decode(o.token_ids) if self.tokenizer is not None else None
-            results[i].outputs.append(CompletionOutput(j, o.token_ids, o.logprobs, o.finish_reason, text))
-        return results
+        return fill_outputs(results, owners, outs, self.tokenizer)
+
+
+def expand_requests(prompts: Any, sampling_params: Any, prompt_ids: Callable[[Any], tuple[str | None, list[int]]],
+                    vocab_size: int) -> tuple[list[GenerationOutput], list[list[int]], list[SamplingParams], list]:
+    """vLLM-style ``generate`` inputs -> (one empty output per request, then its ``n`` samples flattened:
+    prompt ids, SamplingParams (sample j > 0 of a seeded request gets seed + j), (request, sample) owners)."""
+    prompts, sps = as_request_list(prompts, sampling_params)
+    flat, params, owners = [], [], []
+    results: list[GenerationOutput] = []
+    for i, (p, sp) in enumerate(zip(prompts, sps)):
+        text, ids = prompt_ids(p)
+        n = int(getattr(sp, "n", None) or (sp.get("n", 1) if isinstance(sp, Mapping) else 1))
+        base = to_sampling_params(sp, vocab_size)
+        results.append(GenerationOutput(f"{i}", text, ids))
+        for j in range(n):
+            s = base if base.seed is None or j == 0 else SamplingParams(**{**base.__dict__, "seed": base.seed + j})
+            flat.append(ids)
+            params.append(s)
+            owners.append((i, j))
+    return results, flat, params, owners
+
+
+def fill_outputs(results: list[GenerationOutput], owners: list, outs: Sequence[Any],
+                 tokenizer: Any) -> list[GenerationOutput]:
+    """Engine outputs (``token_ids``, ``logprobs``, ``finish_reason``) into the requests' completions."""
+    for (i, j), o in zip(owners, outs):
+        text = tokenizer.decode(o.token_ids) if tokenizer is not None else None
+        results[i].outputs.append(CompletionOutput(j, o.token_ids, o.logprobs, o.finish_reason, text))
+    return results
 
 
 # ---------------------------------------------------------------------------- telemetry

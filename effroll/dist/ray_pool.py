@@ -6,6 +6,14 @@
 unseeded requests from its own stream. ``model`` is a checkpoint path every node can read, or an effroll
 ``Transformer`` (put in the object store once).
 
+``engine="vllm"``: each actor holds a ``VLLMEngine`` instead (vLLM ``draft_model`` speculation with the
+INT4 drafter the actor derives from the checkpoint and exports; ``model`` must then be an HF checkpoint
+directory every node can read). ``mode`` "ar" / "sd" run K = 0 / K = ``k``; "adaptive" runs the profile's
+batch-size schedule through vLLM's dynamic speculation (no profile: K = kmax); the other keyword
+arguments go to ``VLLMEngine`` (``kmax``, ``max_batch``, ``max_seq_len``, ``dtype``, ``kv_cache_gib``,
+``llm_kwargs``, ...). Prompts are token ids. Telemetry is vLLM's spec-decode counters (``spec_decode``:
+drafts, drafted and accepted tokens, acceptance rate) instead of effroll's step records.
+
 * ``generate(prompts, sampling_params)``: the inputs and outputs of ``LLM.generate``. Every request is
   checked first (an invalid one raises ValueError naming it, before anything runs); then requests are
   spread across the live actors by expected work (prompt tokens + n * max_tokens, largest first onto the
@@ -14,7 +22,8 @@ unseeded requests from its own stream. ``model`` is a checkpoint path every node
   then killed), is dropped and its unfinished requests are spread over the survivors. Each request's
   output is taken exactly once. With no actor left: ``WorkersLostError``, finished outputs in ``.outputs``.
 * ``update_policy(weights)``: one ``ray.put``; every actor loads the weights from that object and
-  re-derives its own drafter. ``stats()``: the actors' telemetry merged, plus each actor's own.
+  re-derives its own drafter (vLLM actors: reload the target in vLLM, derive, export and reload the
+  drafter). ``stats()``: the actors' telemetry merged, plus each actor's own.
 
 A seeded request gives the same tokens on any actor as in one process whenever its tokens do not depend
 on the batch: AR mode (``mode="ar"``) or greedy. Speculative sampling is lossless in distribution; its
@@ -26,8 +35,10 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -38,6 +49,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("effroll.dist.ray_pool needs Ray: pip install 'effroll[ray]'") from e
 
+from ..engine.torch_engine import TorchEngine
 from ..rollout import AdaptiveSpecRollout, as_request_list, summarize_steps
 
 
@@ -118,6 +130,19 @@ def _portable(weights: Any) -> Any:
     return weights  # the workers reject it with a TypeError naming the type
 
 
+def merge_spec_metrics(metrics: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """vLLM spec-decode counters (``SpecMetrics.to_dict()``) of several shares or actors, summed."""
+    from ..engine.vllm_engine import SPEC_METRICS, SpecMetrics
+
+    ms = [m for m in metrics if m]
+    if not ms:
+        return None
+    per_pos = [m["accepted_per_pos"] for m in ms]
+    width = max(map(len, per_pos))
+    return SpecMetrics(*(sum(m[k] for m in ms) for k in SPEC_METRICS),
+                       tuple(sum(p[i] for p in per_pos if i < len(p)) for i in range(width))).to_dict()
+
+
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -127,7 +152,28 @@ def _last_line(e: Exception) -> str:
 
 
 class _Worker:
-    """One pool member (a Ray actor): an AdaptiveSpecRollout over its own LLM."""
+    """One pool member (a Ray actor); the kinds differ in the engine they hold (``ENGINES``)."""
+
+    def check_request(self, prompt: Any, sp: Any) -> None:
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "torch_threads": torch.get_num_threads()}
+
+    def check(self, items: list[tuple[Any, Any]]) -> tuple[list[str | None], None]:
+        errors: list[str | None] = []
+        for prompt, sp in items:
+            try:
+                self.check_request(prompt, sp)
+                errors.append(None)
+            except (ValueError, TypeError) as e:
+                errors.append(str(e))
+        return errors, None
+
+
+class _TorchWorker(_Worker):
+    """An AdaptiveSpecRollout over its own LLM (effroll's TorchEngine, INT4 drafter, controller)."""
 
     def __init__(self, model: Any, rollout_kwargs: dict[str, Any]):
         self.rollout = AdaptiveSpecRollout(None, model=model, **rollout_kwargs)
@@ -136,19 +182,11 @@ class _Worker:
 
     def info(self) -> dict[str, Any]:
         llm = self.rollout.llm
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": str(llm.model.device),
-                "torch_threads": torch.get_num_threads(), "kmax": llm.engine.kmax, "policy_version": llm.version,
-                "drafter_digest": module_digest(llm.drafter)}
+        return {**super().info(), "engine": "torch", "device": str(llm.model.device), "kmax": llm.engine.kmax,
+                "policy_version": llm.version, "drafter_digest": module_digest(llm.drafter)}
 
-    def check(self, items: list[tuple[Any, Any]]) -> tuple[list[str | None], None]:
-        errors: list[str | None] = []
-        for prompt, sp in items:
-            try:
-                self.rollout.llm.check_request(prompt, sp)
-                errors.append(None)
-            except (ValueError, TypeError) as e:
-                errors.append(str(e))
-        return errors, None
+    def check_request(self, prompt: Any, sp: Any) -> None:
+        self.rollout.llm.check_request(prompt, sp)
 
     def generate(self, items: list[tuple[Any, Any]]) -> tuple[list, list]:
         self.records.clear()
@@ -165,6 +203,133 @@ class _Worker:
         return st
 
 
+VLLM_UNSUPPORTED = ("trace", "audit", "controller_kwargs")  # per-step hooks of effroll's own engine
+VLLM_IGNORED = ("policy", "watchdog", "device")  # vLLM's scheduler runs the schedule; vLLM picks its platform
+
+
+def _vllm_dtype(dtype: str) -> str:
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+
+
+class _VLLMWorker(_Worker):
+    """A VLLMEngine (vLLM ``draft_model`` speculation) with the INT4 drafter this actor derives and exports.
+
+    ``mode``: "ar" runs K = 0, "sd" K = ``k``, "adaptive" the batch-size schedule of ``profile`` (vLLM's
+    dynamic speculation; without a profile: K = kmax at every batch size). The actor keeps an effroll copy
+    of the target on the CPU: it validates new weights and is what the drafter is derived from.
+    """
+
+    def __init__(self, model: str, kw: dict[str, Any]):
+        from ..checkpoints import load_model
+        from ..drafter.export import export_drafter
+        from ..engine.vllm_engine import VLLMEngine
+        from ..rollout import MODES, resolve_profile
+
+        kw = dict(kw)
+        for name in VLLM_IGNORED:
+            kw.pop(name, None)
+        for name in VLLM_UNSUPPORTED:
+            if kw.pop(name, None):
+                raise ValueError(f"engine='vllm' workers do not support {name}= (vLLM runs the steps itself)")
+        self.mode, self.k = kw.pop("mode", "adaptive"), int(kw.pop("k", 4))
+        self.recipe, profile = kw.pop("recipe", "rtn-sym-g64"), kw.pop("profile", "auto")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        kw["dtype"] = _vllm_dtype(kw.get("dtype", "bfloat16"))
+        self.model = load_model(model, dtype="fp32" if kw["dtype"] == "float32" else "bf16", device="cpu")
+        self.profile_path, self.profile = resolve_profile(profile, self.model)
+        self.version, self.refresh_s, self.rollouts, self.export_kwargs = 0, [], 0, {}
+        # The export only lives until vLLM has loaded it (a killed actor leaves nothing behind); updates
+        # export again in the same format (VLLMEngine.update_policy).
+        with tempfile.TemporaryDirectory(prefix="effroll-drafter-") as d:
+            if self.recipe is not None:
+                t0 = time.perf_counter()
+                self.export_kwargs["fmt"] = export_drafter(self.model, d, self.recipe).format
+                self.refresh_s.append(time.perf_counter() - t0)
+            self.engine = VLLMEngine(model, d if self.recipe is not None else None, **kw)
+        if self.profile is not None and self.engine.speculative:
+            self.engine.set_profile(self.profile)
+
+    def info(self) -> dict[str, Any]:
+        from ..engine.vllm_engine import SpecMetrics
+
+        eng = self.engine
+        m = eng.spec_metrics() if eng.speculative else SpecMetrics()
+        return {**super().info(), "engine": "vllm", "device": eng.backend, "kmax": eng.kmax,
+                "policy_version": self.version, "schedule": eng.schedule, "spec_decode": m.to_dict()}
+
+    def weight_digests(self) -> dict[str, str | None]:
+        """Digests of the target and draft weights vLLM holds now (hashes every byte: for tests and checks)."""
+        return dict(zip(("target", "drafter"), self.engine.llm.collective_rpc(_vllm_digests)[0]))
+
+    tokenizer = None  # token-id prompts only (the engine runs with skip_tokenizer_init)
+
+    def _prompt_ids(self, p: Any) -> tuple[str | None, list[int]]:
+        from ..rollout import LLM
+
+        return LLM._prompt_ids(self, p)  # the front door's parsing; uses only .tokenizer
+
+    def check_request(self, prompt: Any, sp: Any) -> None:
+        from ..rollout import to_sampling_params
+
+        _, ids = self._prompt_ids(prompt)
+        limits = SimpleNamespace(vocab=self.model.cfg.vocab_size, max_seq_len=self.engine.max_seq_len)
+        TorchEngine.validate_prompt(limits, ids)  # the torch workers' checks and messages
+        to_sampling_params(sp, self.model.cfg.vocab_size).validate(self.model.cfg.vocab_size)
+
+    def generate(self, items: list[tuple[Any, Any]]) -> tuple[list, dict]:
+        from ..rollout import expand_requests, fill_outputs
+
+        results, flat, params, owners = expand_requests([p for p, _ in items], [sp for _, sp in items],
+                                                        self._prompt_ids, self.model.cfg.vocab_size)
+        plan = 0 if self.mode == "ar" else self.k if self.mode == "sd" else None
+        t0 = time.perf_counter()
+        outs = self.engine.generate(flat, params, plan=plan if self.engine.speculative else None)
+        self.rollouts += 1
+        return fill_outputs(results, owners, outs, None), {
+            "tokens": sum(len(o.token_ids) for o in outs), "engine_s": time.perf_counter() - t0,
+            "spec_decode": self.engine.last_metrics.to_dict() if self.engine.speculative else None}
+
+    def update_policy(self, weights: Any, keep_drafter: bool = False) -> float:
+        from ..engine.model import load_state
+        from ..rollout import _as_internal_state
+
+        t0 = time.perf_counter()
+        load_state(self.model, _as_internal_state(weights, self.model))  # invalid weights: ValueError, no change
+        self.version += 1
+        if self.engine.speculative and not keep_drafter:
+            self.engine.update_policy(self.model, self.recipe, **self.export_kwargs)
+        else:
+            self.engine.update_weights(self.model)
+        self.refresh_s.append(time.perf_counter() - t0)
+        return self.refresh_s[-1]
+
+    def stats(self) -> dict[str, Any]:
+        return {"mode": self.mode, "rollouts": self.rollouts, "refresh_s": list(self.refresh_s),
+                "drafter_error": None, "profile": self.profile_path, **self.info()}
+
+
+def _vllm_digests(worker: Any) -> tuple[str | None, str | None]:
+    """(target, draft) digests of the weights a vLLM worker process holds (collective_rpc)."""
+    runner = worker.model_runner
+    draft = runner.get_draft_model() if hasattr(runner, "get_draft_model") else None
+    return module_digest(runner.get_model()), module_digest(draft)
+
+
+ENGINES = {"torch": _TorchWorker, "vllm": _VLLMWorker}
+
+
+def _check_vllm_model(model: Any) -> None:
+    from ..engine.vllm_engine import vllm_available
+
+    ok, why = vllm_available()
+    if not ok:
+        raise ImportError(f"engine='vllm' needs vLLM on the driver and every node: {why}")
+    if not isinstance(model, (str, Path)) or not (Path(model) / "config.json").is_file():
+        raise ValueError(f"engine='vllm' needs model= to be an HF checkpoint directory (with config.json) every "
+                         f"node can read, got {model if isinstance(model, (str, Path)) else type(model).__name__!r}")
+
+
 class RayRolloutPool:
     """N Ray actors with one LLM each; ``generate``, ``update_policy`` and ``stats`` like the in-process ones.
 
@@ -174,7 +339,7 @@ class RayRolloutPool:
     ``startup_timeout_s``: for the actors to load the model (a cluster short of the resources in
     ``actor_options`` never starts them). ``actor_options``: Ray actor options, default ``{"num_cpus": 1}``
     (GPUs: ``{"num_gpus": 1}`` with ``device="cuda"``). ``ray_init``: ``ray.init`` arguments when the pool
-    starts or joins Ray itself.
+    starts or joins Ray itself. ``engine``: "torch" (effroll's engine) or "vllm" (see the module doc).
     """
 
     def __init__(
@@ -189,8 +354,11 @@ class RayRolloutPool:
         connect_timeout_s: float = 10.0,
         actor_options: Mapping[str, Any] | None = None,
         ray_init: Mapping[str, Any] | None = None,
+        engine: str = "torch",
         **rollout_kwargs: Any,
     ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         for name, v in (("timeout_s", timeout_s), ("startup_timeout_s", startup_timeout_s),
@@ -201,9 +369,12 @@ class RayRolloutPool:
             raise ValueError("RayRolloutPool needs model= (a checkpoint path every node can read, or a Transformer)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if engine == "vllm":
+            _check_vllm_model(model)
         connect(ray_address, connect_timeout_s, ray_init)
         self.timeout_s = timeout_s
         self.mode = rollout_kwargs.get("mode", "adaptive")
+        self.engine = engine
         self.version = 0
         self.history: list[dict[str, Any]] = []
         self.lost: dict[int, str] = {}  # worker -> why it was dropped
@@ -211,7 +382,7 @@ class RayRolloutPool:
         self._in_run = False
         self._chunks: list[list] = []  # step records of each finished share during the current run()
         model_ref = str(model) if isinstance(model, (str, Path)) else ray.put(model)
-        actor = ray.remote(_Worker).options(**{"num_cpus": 1, **dict(actor_options or {})})
+        actor = ray.remote(ENGINES[engine]).options(**{"num_cpus": 1, **dict(actor_options or {})})
         self._actors = {i: actor.remote(model_ref, {**rollout_kwargs, "seed": seed + i}) for i in range(workers)}
         self.started = workers
         try:
@@ -241,9 +412,15 @@ class RayRolloutPool:
         finally:
             self._in_run = False
         wall = time.perf_counter() - t0
-        entry = summarize_steps([r for c in self._chunks for r in c], self.kmax)
-        entry.update(toggles=sum(summarize_steps(c, self.kmax)["toggles"] for c in self._chunks), mode=self.mode,
-                     wall_s=wall, tok_per_s=entry["tokens"] / wall if wall > 0 else 0.0,
+        steps = [c for c in self._chunks if isinstance(c, list)]  # torch workers: step records
+        shares = [c for c in self._chunks if isinstance(c, Mapping)]  # vLLM workers: tokens and spec metrics
+        entry = summarize_steps([r for c in steps for r in c], self.kmax)
+        entry["tokens"] += sum(c["tokens"] for c in shares)
+        entry["engine_s"] += sum(c["engine_s"] for c in shares)
+        if shares:
+            entry["spec_decode"] = merge_spec_metrics([c["spec_decode"] for c in shares])
+        entry.update(toggles=sum(summarize_steps(c, self.kmax)["toggles"] for c in steps), mode=self.mode,
+                     engine=self.engine, wall_s=wall, tok_per_s=entry["tokens"] / wall if wall > 0 else 0.0,
                      policy_version=self.version, workers=len(self._actors))
         self.history.append(entry)
         return result
@@ -336,8 +513,9 @@ class RayRolloutPool:
     def stats(self) -> dict[str, Any]:
         per = self._call_all("stats") if self._actors else {}
         refresh = [max(ts) for ts in zip(*(s["refresh_s"] for s in per.values()))]
-        return {
+        out = {
             "mode": self.mode,
+            "engine": self.engine,
             "policy_version": self.version,
             "rollouts": len(self.history),
             "last": self.history[-1] if self.history else {},
@@ -348,6 +526,9 @@ class RayRolloutPool:
                      "requeued_requests": self.requeued},
             "workers": per,
         }
+        if self.engine == "vllm":  # vLLM's counters since each actor started, summed
+            out["spec_decode"] = merge_spec_metrics([s["spec_decode"] for s in per.values()])
+        return out
 
     def _call_all(self, method: str, *args: Any) -> dict[int, Any]:
         """``method(*args)`` on every live worker: {worker: result}. Workers that die or time out are dropped;
