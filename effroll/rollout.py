@@ -172,10 +172,12 @@ class LLM:
         self.planner: Plan | Callable[[BatchView], Plan] = Plan(0)
         self.listeners: list[Callable[[StepRecord], None]] = []
         if recipe is not None and self._recipe_obj().method == "gptq":
+            from .drafter.derive import hessian_kinds
             from .drafter.gptq import HessianCollector
 
             # GPTQ calibrates on the policy's own rollouts: the target's verify passes feed X^T X.
-            self._collector = HessianCollector(self.model, sample_every=max(1, int(hessian_every)))
+            self._collector = HessianCollector(self.model, hessian_kinds(self.recipe),
+                                               sample_every=max(1, int(hessian_every)))
 
     # ------------------------------------------------------------------ drafter
     def _recipe_obj(self):

@@ -11,10 +11,10 @@ import torch
 
 from effroll.drafter import (
     HessianCollector, Int4Linear, Int8Linear, collect_hessians, derive_drafter, drafter_nbytes, gptq_quantize,
-    linear_name, list_recipes, load_recipe, model_nbytes, quantize_rtn,
+    hessian_kinds, linear_name, list_recipes, load_recipe, model_nbytes, quantize_rtn,
 )
 from effroll.drafter import int4 as I
-from effroll.drafter.report import acceptance_kl, decode_step_seconds, weight_rel_err
+from effroll.drafter.report import acceptance_kl, decode_step_seconds, drafter_report, weight_rel_err
 from effroll.drafter.sampling import sample_continuations
 from effroll.engine.kv_cache import KVCache, full_logits
 from effroll.engine.model import ModelConfig, Transformer
@@ -344,6 +344,17 @@ def test_derive_bf16_target_and_lm_head_modes():
     assert isinstance(d.layers[0].mlp.gate_up, Int4Linear)
     dt, tt = decode_step_seconds([d, target], context=16, iters=2)
     assert dt > 0 and tt > 0
+    with pytest.raises(ValueError, match="block must be >= 1, got 0"):
+        decode_step_seconds([d, target], context=16, iters=2, block=0)
+
+
+def test_drafter_report_keys():
+    target = tiny_model(tiny_cfg(), seed=3)
+    rep = drafter_report(target, "rtn-sym-g32", PROMPTS, n_tokens=8, step_context=8, step_iters=2)
+    for k in ("acceptance", "kl", "refresh_s", "drafter_bytes", "target_bytes", "drafter_step_s", "target_step_s",
+              "drafter_step_s_run4", "target_step_s_run4"):
+        assert rep[k] > 0, k
+    assert 0 < rep["acceptance"] <= 1 and rep["drafter_bytes"] < rep["target_bytes"]
 
 
 def test_derive_from_state_dicts_and_checkpoint_dir(tmp_path):
@@ -385,6 +396,40 @@ def test_derive_gptq_with_hessians_and_calibration():
     H.pop("layers.1.mlp.down")
     with pytest.raises(ValueError, match="layers.1.mlp.down"):
         derive_drafter(target, "gptq-sym-g128", hessians=H)
+
+
+def test_gptq_int4_head_uses_the_final_hidden_states():
+    cfg = tiny_cfg()
+    target = tiny_model(cfg, seed=5)
+    calib = [[1] + c for c in sample_continuations(target, [[1]] * 16, 32, seed=7)]
+    recipe = {"method": "gptq", "symmetric": False, "group_size": 32, "lm_head": "int4"}
+    assert hessian_kinds(recipe)[-1] == "lm_head" and "lm_head" not in hessian_kinds("gptq-sym-g128")
+    assert "lm_head" not in hessian_kinds({**recipe, "method": "rtn"})
+    H = collect_hessians(target, calib, hessian_kinds(recipe))
+    # the head's Hessian is that of the final norm's output (the head's input)
+    ids = torch.tensor([calib[0]])
+    x = target(ids, torch.zeros(1, dtype=torch.long), KVCache(cfg, 1, ids.shape[1], target.dtype, "cpu"), [0])[0]
+    H1 = collect_hessians(target, calib[:1], ("lm_head",))
+    assert set(H1) == {"lm_head"}
+    torch.testing.assert_close(H1["lm_head"], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    d = derive_drafter(target, recipe, hessians=H)
+    d_rtn = derive_drafter(target, {**recipe, "method": "rtn"})
+    assert isinstance(d.lm_head, Int4Linear) and "lm_head.weight" not in d.shared_names
+    # GPTQ minimises the head's output error on the calibration states: tr((W - Wq) H (W - Wq)^T)
+    w = target.lm_head.weight.float()
+
+    def out_err(m):
+        e = w - m.lm_head.dequantize()
+        return float(torch.einsum("nk,kl,nl->", e, H["lm_head"], e))
+
+    assert out_err(d) < 0.8 * out_err(d_rtn), (out_err(d), out_err(d_rtn))
+    # self-calibration collects the head's Hessian too; a Hessian set without it is refused by name
+    assert isinstance(derive_drafter(target, recipe, calibration=calib).lm_head, Int4Linear)
+    H.pop("lm_head")
+    with pytest.raises(ValueError, match="no Hessian for 'lm_head'"):
+        derive_drafter(target, recipe, hessians=H)
+    with pytest.raises(ValueError, match="unknown kind 'head'"):
+        HessianCollector(target, ("qkv", "head"))
 
 
 def test_refresh_beats_stale_drafter_after_policy_step():
@@ -454,7 +499,8 @@ def test_shipped_recipes_load():
         r = load_recipe(n)
         assert r.name == n and r.method in ("rtn", "gptq") and r.group_size in (32, 64, 128)
         assert r.method == n.split("-")[0] and r.symmetric == (n.split("-")[1] == "sym")
-        assert r.group_size == int(n.split("-g")[1])
+        g, _, head = n.split("-g")[1].partition("-")  # e.g. gptq-asym-g64-int4head
+        assert r.group_size == int(g) and r.lm_head == (head.removesuffix("head") or "shared")
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -182,11 +182,13 @@ def test_profile_errors(tmp_path):
         AdaptiveSpecRollout(None, llm=llm, profile=bad)
 
 
-def test_gptq_recipe_calibrates_on_its_own_rollouts():
-    llm = make_llm(recipe="gptq-sym-g128")
+@pytest.mark.parametrize("head", ["shared", "int4"])
+def test_gptq_recipe_calibrates_on_its_own_rollouts(head):
+    llm = make_llm(recipe={"method": "gptq", "group_size": 32, "lm_head": head})
     assert llm._collector is not None and llm._collector.tokens == 0
     llm.generate([[5, 6, 7]] * 4, SamplingParams(max_tokens=16))
     assert llm._collector.tokens > 0  # the target's verification forwards fed X^T X
+    assert ("lm_head" in llm._collector.counts) == (head == "int4")  # the head's input only when GPTQ needs it
     llm.update_policy(llm.model.state_dict())
     assert llm.drafter is not None and llm.drafter_error is None
     assert llm._collector.tokens == 0  # consumed by the refresh

@@ -1,6 +1,6 @@
 """The INT4 self-drafter: quantization, recipes, GPTQ, derivation and reports."""
 
-from .derive import derive_drafter, drafter_nbytes, model_nbytes
+from .derive import derive_drafter, drafter_nbytes, hessian_kinds, model_nbytes
 from .gptq import HessianCollector, collect_hessians, gptq_quantize, gptq_quantize_batch, linear_name
 from .int4 import Int4Linear, Int8Linear, QuantizedWeight, dequantize, quantize_rtn
 from .recipe import GPTQOptions, Recipe, list_recipes, load_recipe
@@ -8,7 +8,7 @@ from .report import acceptance_kl, decode_step_seconds, drafter_report, weight_r
 from .sampling import sample_continuations
 
 __all__ = [
-    "derive_drafter", "drafter_nbytes", "model_nbytes",
+    "derive_drafter", "drafter_nbytes", "hessian_kinds", "model_nbytes",
     "HessianCollector", "collect_hessians", "gptq_quantize", "gptq_quantize_batch", "linear_name",
     "Int4Linear", "Int8Linear", "QuantizedWeight", "dequantize", "quantize_rtn",
     "GPTQOptions", "Recipe", "list_recipes", "load_recipe",

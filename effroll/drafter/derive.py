@@ -19,7 +19,7 @@ from torch import nn
 
 from effroll.engine.model import ModelConfig, Transformer, convert_hf_state_dict, rope_inv_freq
 
-from .gptq import LINEAR_PATHS, collect_hessians, gptq_quantize_batch, linear_name
+from .gptq import HEAD, LINEAR_PATHS, collect_hessians, gptq_quantize_batch, linear_name
 from .int4 import Int4Linear, Int8Linear, quantize_rtn
 from .recipe import LINEAR_KINDS, Recipe, load_recipe
 from .sampling import sample_continuations
@@ -170,16 +170,18 @@ def derive_drafter(
                 raise ValueError("derive_drafter: a GPTQ recipe needs hessians= or a target module to calibrate on")
             tc = time.perf_counter()
             seqs = calibration if calibration is not None else _self_calibration(target, recipe, seed)
-            hessians = collect_hessians(target, seqs, recipe.linears)
+            hessians = collect_hessians(target, seqs, hessian_kinds(recipe))
             calib_s = time.perf_counter() - tc
-        for i in range(cfg.num_layers):
-            for kind in recipe.linears:
-                name = linear_name(i, kind)
-                k_in = shapes[f"{name}.weight"][1]
-                if name not in hessians:
-                    raise ValueError(f"GPTQ: no Hessian for {name!r}")
-                if tuple(hessians[name].shape) != (k_in, k_in):
-                    raise ValueError(f"GPTQ: Hessian for {name!r} has shape {tuple(hessians[name].shape)}, expected {(k_in, k_in)}")
+        wanted = {linear_name(i, kind): shapes[f"{linear_name(i, kind)}.weight"][1]
+                  for i in range(cfg.num_layers) for kind in recipe.linears}
+        if HEAD in hessian_kinds(recipe):
+            wanted[HEAD] = cfg.hidden_size
+        for name, k_in in wanted.items():
+            if name not in hessians:
+                raise ValueError(f"GPTQ: no Hessian for {name!r}"
+                                 + (" (collect it with HessianCollector(model, hessian_kinds(recipe)))" if name == HEAD else ""))
+            if tuple(hessians[name].shape) != (k_in, k_in):
+                raise ValueError(f"GPTQ: Hessian for {name!r} has shape {tuple(hessians[name].shape)}, expected {(k_in, k_in)}")
 
     with torch.device("meta"):
         d = Transformer(cfg)
@@ -230,6 +232,12 @@ def derive_drafter(
         w = src["embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
         if recipe.lm_head == "int8":
             d.lm_head = Int8Linear(w.to(dev))
+        elif recipe.method == "gptq":  # error compensation on the final hidden states' Hessian
+            o = recipe.gptq
+            qw = gptq_quantize_batch(w.detach().to(dev).float()[None], hessians[HEAD].to(dev).float()[None],
+                                     recipe.group_size, recipe.symmetric, o.damp, o.block_size, o.act_order,
+                                     recipe.refine_iters)[0]
+            d.lm_head = Int4Linear(qw, device=dev)
         else:
             qw = quantize_rtn(w.to(dev), recipe.group_size, recipe.symmetric, recipe.refine_iters)
             d.lm_head = Int4Linear(qw, device=dev)
@@ -241,6 +249,14 @@ def derive_drafter(
     d.calib_seconds = calib_s
     d.derive_seconds = time.perf_counter() - t0
     return d
+
+
+def hessian_kinds(recipe: str | Path | Recipe | Mapping[str, Any]) -> tuple[str, ...]:
+    """What a HessianCollector must collect for ``recipe``: its linears, plus the LM head's input when the
+    recipe GPTQ-quantizes the head to INT4 (an INT8 head is per-channel RTN and needs none)."""
+    recipe = load_recipe(recipe)
+    head = (HEAD,) if recipe.method == "gptq" and recipe.lm_head == "int4" else ()
+    return tuple(recipe.linears) + head
 
 
 def _unique_tensors(model: nn.Module) -> dict[int, tuple[str, torch.Tensor]]:

@@ -18,7 +18,9 @@ the kernel's contiguous one). ``refine_iters`` least-squares refits of each grou
 the engine's verification passes on the policy's own rollouts can feed the next refresh. It is not
 free: ``X^T X`` costs about as many FLOPs as the layer itself (float32), so sample a fraction of the
 forwards (``sample_every``); ~10-20k tokens per refresh suffice. qkv (and gate_up) are fused, so
-their q/k/v (gate/up) parts share one Hessian.
+their q/k/v (gate/up) parts share one Hessian. The pseudo-kind ``"lm_head"`` collects the LM head's
+input (the final norm's output, hooked there so that forwards which stop before the head count too)
+under the name ``"lm_head"``: a recipe with ``lm_head = "int4"`` and ``method = "gptq"`` uses it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .int4 import QuantizedWeight, group_params, pad_columns
 from .recipe import LINEAR_KINDS, Recipe
 
 LINEAR_PATHS = {"qkv": "attn.qkv", "o": "attn.o", "gate_up": "mlp.gate_up", "down": "mlp.down"}
+HEAD = "lm_head"  # Hessian name (and collector pseudo-kind) of the LM head's input
 
 
 def linear_name(layer: int, kind: str) -> str:
@@ -60,12 +63,19 @@ class HessianCollector:
         self._buf: dict[str, list[torch.Tensor]] = {}
         self._calls: dict[str, int] = {}
         self._handles = []
+        kinds = list(kinds)
+        for kind in kinds:
+            if kind != HEAD and kind not in LINEAR_PATHS:
+                raise ValueError(f"HessianCollector: unknown kind {kind!r} (use {', '.join((*LINEAR_PATHS, HEAD))})")
         for i, layer in enumerate(model.layers):
             for kind in kinds:
-                mod = layer.get_submodule(LINEAR_PATHS[kind])
-                self._handles.append(mod.register_forward_hook(self._hook(linear_name(i, kind))))
+                if kind != HEAD:
+                    mod = layer.get_submodule(LINEAR_PATHS[kind])
+                    self._handles.append(mod.register_forward_hook(self._hook(linear_name(i, kind))))
+        if HEAD in kinds:  # the head's input is the final norm's output
+            self._handles.append(model.norm.register_forward_hook(self._hook(HEAD, use_output=True)))
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, use_output: bool = False):
         def hook(mod, args, out):
             if not self.enabled:
                 return
@@ -73,7 +83,7 @@ class HessianCollector:
             self._calls[name] = n + 1
             if n % self.sample_every:
                 return
-            x = args[0].detach()
+            x = (out if use_output else args[0]).detach()
             x = x.reshape(-1, x.shape[-1])
             self.counts[name] = self.counts.get(name, 0) + x.shape[0]  # includes still-buffered rows
             buf = self._buf.setdefault(name, [])
