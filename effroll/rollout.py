@@ -30,7 +30,7 @@ import functools
 import json
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -162,6 +162,8 @@ class LLM:
         self.recipe = recipe
         self.version = 0
         self.refresh_s: list[float] = []
+        self.recent: deque = deque(maxlen=16)  # (prompt + output ids, prompt length, params) of finished requests
+        self._estimate: tuple | None = None
         self.drafter_error: str | None = None
         self._collector = None
         if drafter is None and recipe is not None:
@@ -285,8 +287,33 @@ class LLM:
         results, flat, params, owners = expand_requests(prompts, sampling_params, self._prompt_ids,
                                                         self.model.cfg.vocab_size)
         outs = self.engine.generate(flat, params, plan=self.planner, on_step=self._on_step)
+        for ids, sp, o in zip(flat, params, outs):  # kept to score the next drafter on (acceptance_estimate)
+            if o.finish_reason in ("stop", "length") and o.token_ids:
+                self.recent.append((list(ids) + list(o.token_ids), len(ids), sp))
         return fill_outputs(results, owners, outs, self.tokenizer)
 
+    def acceptance_estimate(self, positions: int = 48, sequences: int = 2, max_len: int = 256) -> float | None:
+        """The current drafter's first-position acceptance, teacher-forced on the latest finished requests
+        (``positions`` evenly spaced over the first ``max_len`` generated tokens of the newest ``sequences``),
+        as the engine would see it (shared KV or not; each request's sampling parameters). None without a
+        drafter or history. Computed once per drafter: on this CPU ~0.2 s for the defaults (one target
+        forward per sequence and a drafter pass over the scored positions only, see
+        ``Transformer.forward_first_draft``), within ~0.04 of the acceptance the engine then measures."""
+        d = self.engine.drafter
+        if d is None or not self.recent:
+            return None
+        key = (id(d), self.version, len(self.refresh_s))
+        if self._estimate is not None and self._estimate[0] == key:
+            return self._estimate[1]
+        from .drafter.report import first_draft_acceptance
+
+        recent = list(self.recent)[-max(1, sequences):]
+        seqs = [seq[: start + max_len] for seq, start, _ in recent]
+        a = first_draft_acceptance(self.model, d, seqs, [start for _, start, _ in recent], [sp for *_, sp in recent],
+                                   shared_kv=self.engine.share_kv,
+                                   per_sequence=-(-max(1, positions) // len(recent)))["acceptance"]
+        self._estimate = (key, a)
+        return a
 
 def expand_requests(prompts: Any, sampling_params: Any, prompt_ids: Callable[[Any], tuple[str | None, list[int]]],
                     vocab_size: int) -> tuple[list[GenerationOutput], list[list[int]], list[SamplingParams], list]:
@@ -413,6 +440,7 @@ class AdaptiveSpecRollout:
         controller_kwargs: Mapping[str, Any] | None = None,
         watchdog: bool | Mapping[str, Any] = True,
         audit: bool | Mapping[str, Any] = False,
+        score_drafter: bool = True,
         workers: int | None = None,
         ray_address: str | None = None,
         **llm_kwargs: Any,
@@ -463,6 +491,8 @@ class AdaptiveSpecRollout:
         else:
             self.audit = None
         self.guard_s = {"watchdog": 0.0, "audit": 0.0}  # seconds spent in the checks (overhead)
+        self.score_drafter = bool(score_drafter)
+        self.score_s = 0.0  # seconds spent scoring drafters for the acceptance prior
         self._warned: set[str] = set()
         self.trace_path = Path(trace) if trace else None
         self.history: list[dict[str, Any]] = []
@@ -546,6 +576,14 @@ class AdaptiveSpecRollout:
         if self.audit is not None:
             self.audit.start_rollout()
         audit_failed = self.audit is not None and self.audit.failed
+        if self.mode == "adaptive" and self.score_drafter and self.controller.acceptance.verified == 0:
+            # Nothing observed since the drafter changed: start from its teacher-forced score on the
+            # latest rollouts instead of the profile's prior (in AR the controller never observes a).
+            ts = time.perf_counter()
+            a = llm.acceptance_estimate()
+            if a is not None:
+                self.controller.reset_acceptance(prior=a, source="scored")
+            self.score_s += time.perf_counter() - ts
         guard0 = dict(self.guard_s)
         self._trace = open(self.trace_path, "a") if self.trace_path else None
         t0 = time.perf_counter()
@@ -600,4 +638,5 @@ class AdaptiveSpecRollout:
             "watchdog": self.watchdog.stats() if self.watchdog is not None else None,
             "audit": self.audit.stats() if self.audit is not None else None,
             "guard_s": dict(self.guard_s),
+            "score_s": self.score_s,
         }

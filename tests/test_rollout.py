@@ -192,3 +192,67 @@ def test_gptq_recipe_calibrates_on_its_own_rollouts(head):
     llm.update_policy(llm.model.state_dict())
     assert llm.drafter is not None and llm.drafter_error is None
     assert llm._collector.tokens == 0  # consumed by the refresh
+
+
+# ----------------------------------------------------------------------------- scored acceptance prior
+
+
+def test_forward_first_draft_is_a_shared_kv_draft_step_at_every_position():
+    from effroll.engine.kv_cache import KVCache
+
+    llm = make_llm()
+    target, drafter = llm.model, llm.drafter
+    assert llm.engine.share_kv
+    ids = torch.tensor([[3, 17, 5, 60, 2, 44, 9, 81, 7, 12]])
+    n = ids.shape[1]
+    cache = KVCache(target.cfg, 1, n, target.dtype, "cpu")
+    target(ids, torch.zeros(1, dtype=torch.long), cache, [0])
+    mixed = drafter.logits(drafter.forward_first_draft(ids, cache))[0]
+    for t in (0, 1, 4, n - 1):
+        step = KVCache(target.cfg, 1, n, target.dtype, "cpu")  # the target's K/V for 0..t-1, as in the engine
+        for a, b in zip(step.k + step.v, cache.k + cache.v):
+            a[:, :, :t] = b[:, :, :t]
+        h = drafter(ids[:, t : t + 1], torch.tensor([t]), step, [t])  # the drafter writes its own K/V at t
+        torch.testing.assert_close(drafter.logits(h)[0, 0], mixed[t], rtol=1e-4, atol=1e-4)
+    # a subset of positions costs only those positions and gives the same logits
+    sub = drafter.logits(drafter.forward_first_draft(ids, cache, torch.tensor([0, 4, n - 1])))[0]
+    torch.testing.assert_close(sub, mixed[[0, 4, n - 1]], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one sequence, got a batch of 2"):
+        drafter.forward_first_draft(ids.repeat(2, 1), cache)
+    with pytest.raises(ValueError, match="within 0..9"):
+        drafter.forward_first_draft(ids, cache, torch.tensor([3, 10]))
+
+
+def test_first_draft_acceptance_is_one_for_the_target_itself():
+    from effroll.drafter.report import first_draft_acceptance
+
+    llm = make_llm()
+    seqs, starts = [[3, 17, 5, 60, 2, 44, 9, 81]], [3]
+    for shared in (True, False):
+        a = first_draft_acceptance(llm.model, llm.model, seqs, starts, shared_kv=shared)
+        assert a["positions"] == 5 and a["acceptance"] == pytest.approx(1.0, abs=1e-5)
+    a = first_draft_acceptance(llm.model, llm.drafter, seqs, starts, [SamplingParams(temperature=0.0)])
+    assert any(a["acceptance"] == pytest.approx(i / 5) for i in range(6))  # greedy: argmax agreement per position
+    with pytest.raises(ValueError, match="no positions"):
+        first_draft_acceptance(llm.model, llm.drafter, [[1, 2]], [2])
+
+
+def test_adaptive_starts_from_the_drafters_scored_acceptance():
+    llm = make_llm()
+    assert llm.acceptance_estimate() is None  # no finished sequence yet
+    ro = AdaptiveSpecRollout(None, llm=llm, profile=None)
+    ro([[5, 6, 7]] * 3, SamplingParams(max_tokens=12, seed=3))
+    est = llm.acceptance_estimate()
+    assert 0.0 < est < 1.0 and llm.acceptance_estimate() is est  # computed once per drafter
+    fresh = AdaptiveSpecRollout(None, llm=llm, profile=None)  # nothing observed yet: starts from the score
+    fresh([[5, 6, 7]], SamplingParams(max_tokens=4, seed=4))
+    st = fresh.stats()
+    assert st["controller"]["acceptance_prior_source"] == "scored" and st["controller"]["acceptance_prior"] == est
+    assert st["score_s"] > 0
+    llm.update_policy(perturbed_copy(llm.model, seed=5, scale=0.3).state_dict())
+    assert llm.acceptance_estimate() != est  # the new drafter is scored again
+    off = AdaptiveSpecRollout(None, llm=llm, profile=None, score_drafter=False)
+    off([[5, 6, 7]], SamplingParams(max_tokens=4, seed=4))
+    assert off.stats()["controller"]["acceptance_prior_source"] == "default" and off.score_s == 0
+    with pytest.raises(ValueError, match="acceptance prior must be a number in \\[0, 1\\], got 1.5"):
+        off.controller.reset_acceptance(prior=1.5)

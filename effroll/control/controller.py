@@ -108,6 +108,8 @@ class Controller:
             ok = isinstance(a0, (int, float)) and 0 <= a0 <= 1
             acceptance = AcceptanceEstimator(prior=a0) if ok else AcceptanceEstimator()
         self.acceptance = acceptance
+        self.prior_source = "profile" if (profile is not None and acceptance.prior == a0) else "default"
+        self.prior_value = acceptance.prior
         if cost_model is not None:
             self.cost = cost_model
         elif profile is not None:
@@ -245,9 +247,14 @@ class Controller:
         self.counters["sign_assessed"] += 1
         self.counters["sign_correct"] += pred == (g_sd > g_ar)
 
-    def reset_acceptance(self) -> None:
-        """Call after update_policy: the drafter changed, so forget its acceptance history."""
-        self.acceptance.reset()
+    def reset_acceptance(self, prior: float | None = None, source: str = "profile") -> None:
+        """Call after update_policy: the drafter changed, so forget its acceptance history. ``prior``:
+        restart from this acceptance (e.g. the new drafter's teacher-forced score) instead of the default."""
+        if prior is not None and not (isinstance(prior, (int, float)) and 0.0 <= prior <= 1.0):
+            raise ValueError(f"acceptance prior must be a number in [0, 1], got {prior!r}")
+        self.acceptance.reset(prior)
+        self.prior_source = source if prior is not None else "profile" if self.profile else "default"
+        self.prior_value = self.acceptance.prior if prior is None else float(prior)
 
     def stats(self) -> dict:
         c = self.counters
@@ -264,6 +271,8 @@ class Controller:
             "k": self.k,
             "k_hist": dict(sorted(self.k_hist.items())),
             "acceptance": self.acceptance.rate,
+            "acceptance_prior": self.prior_value,
+            "acceptance_prior_source": self.prior_source,
             "mean_accepted_per_draft": self.acceptance.mean_accepted_per_draft,
             "last_goodput_ratio": self.last_ratio,
             "sign_accuracy": c["sign_correct"] / n if n else None,

@@ -204,7 +204,7 @@ class _TorchWorker(_Worker):
 
 
 VLLM_UNSUPPORTED = ("trace", "audit", "controller_kwargs")  # per-step hooks of effroll's own engine
-VLLM_IGNORED = ("policy", "watchdog", "device")  # vLLM's scheduler runs the schedule; vLLM picks its platform
+VLLM_IGNORED = ("policy", "watchdog", "device", "score_drafter")  # vLLM's scheduler runs the schedule; vLLM picks its platform
 
 
 def _vllm_dtype(dtype: str) -> str:

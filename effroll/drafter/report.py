@@ -50,6 +50,52 @@ def acceptance_kl(target, drafter, sequences: Sequence[Sequence[int]], starts: S
 
 
 @torch.no_grad()
+def first_draft_acceptance(target, drafter, sequences: Sequence[Sequence[int]], starts: Sequence[int],
+                           params: Sequence[Any] | None = None, shared_kv: bool = True,
+                           per_sequence: int | None = None) -> dict[str, float]:
+    """Teacher-forced acceptance of a draft's first position as the engine sees it, on finished sequences.
+
+    Mean over the positions predicting ``seq[starts[i]:]`` (``per_sequence``: that many of them, evenly
+    spaced) of ``sum_x min(p(x), q(x))`` under each sequence's sampling parameters (``params[i]``:
+    temperature, top-k, top-p; default temperature 1; greedy: ``1[argmax p == argmax q]``). With
+    ``shared_kv`` the drafter reads the target's K/V for the prefix
+    (:meth:`Transformer.forward_first_draft`, run at the scored positions only), as the engine's
+    shared-cache drafter does; else it runs a full forward on its own cache. No sampling.
+    """
+    from effroll.engine.sampling import SamplingParams, process_probs
+
+    vals = []
+    for i, (seq, s) in enumerate(zip(sequences, starts)):
+        if len(seq) <= s or s < 1:
+            continue
+        sp = params[i] if params is not None else SamplingParams()
+        ids = torch.as_tensor(list(seq[:-1]), dtype=torch.long, device=target.device).view(1, -1)
+        pos = torch.arange(s - 1, ids.shape[1], device=target.device)  # position t predicts seq[t + 1]
+        if per_sequence is not None and pos.numel() > per_sequence:
+            pos = pos[torch.linspace(0, pos.numel() - 1, per_sequence, device=pos.device).round().long()]
+        zero = torch.zeros(1, dtype=torch.long, device=target.device)
+        cache = KVCache(target.cfg, 1, ids.shape[1], target.dtype, target.device)
+        lp = target.logits(target(ids, zero, cache, [0])[0, pos])
+        if shared_kv:
+            lq = drafter.logits(drafter.forward_first_draft(ids, cache, pos)[0])
+        else:
+            cache_d = KVCache(drafter.cfg, 1, ids.shape[1], drafter.dtype, drafter.device)
+            lq = drafter.logits(drafter(ids, zero, cache_d, [0])[0, pos])
+        n = lp.shape[0]
+        if sp.temperature == 0:
+            vals.append((lp.argmax(-1) == lq.argmax(-1)).float())
+            continue
+        t = torch.full((n,), float(sp.temperature), device=lp.device)
+        k = torch.full((n,), max(int(sp.top_k), 0), dtype=torch.long, device=lp.device)
+        tp = torch.full((n,), float(sp.top_p), device=lp.device)
+        vals.append(torch.minimum(process_probs(lp, t, k, tp), process_probs(lq, t, k, tp)).sum(-1))
+    if not vals:
+        raise ValueError("first_draft_acceptance: no positions to score")
+    a = torch.cat(vals)
+    return {"acceptance": float(a.mean()), "positions": int(a.numel())}
+
+
+@torch.no_grad()
 def weight_rel_err(target, drafter) -> float:
     """``sqrt(sum ||W - W_q||^2) / sqrt(sum ||W||^2)`` over the drafter's Int4Linear layers."""
     num = den = 0.0

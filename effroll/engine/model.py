@@ -194,7 +194,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.scale = 1.0 / math.sqrt(self.hd)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardCtx, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, ctx: ForwardCtx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, h, hd], k and v [B, T, hkv, hd] of ``x``, RoPE (and qk-norm) applied."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.h + 2 * self.hkv, self.hd)
         v = qkv[:, :, self.h + self.hkv :]
@@ -208,6 +209,11 @@ class Attention(nn.Module):
             k = self.k_norm(qkv[:, :, self.h : self.h + self.hkv])
             q = q * ctx.cos + torch.roll(q, self.hd // 2, -1) * ctx.sin
             k = k * ctx.cos + torch.roll(k, self.hd // 2, -1) * ctx.sin
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, ctx: ForwardCtx, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, ctx)
         # Cache layout [slot, kv_head, position, head_dim]; advanced indices (rows, pos) around a slice
         # put their broadcast dims first, so the assigned value is [B, T, kv_head, head_dim].
         kc[ctx.rows, :, ctx.pos] = k
@@ -312,8 +318,7 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache overflow: need {span} positions, cache holds {cache.capacity}")
         ar = torch.arange(T, device=dev)
         pos = start.view(B, 1) + ar.view(1, T)
-        cos_t, sin_t = self.rope_tables(span)
-        cos, sin = cos_t[pos].unsqueeze(2), sin_t[pos].unsqueeze(2)
+        cos, sin = self._rope_at(pos, span)
         if B == 1 and T == 1:
             mask = None  # single query attends to everything up to itself
         else:
@@ -324,6 +329,47 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, cache.k[i], cache.v[i])
+        return self.norm(x)
+
+    def _rope_at(self, pos: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos_t, sin_t = self.rope_tables(span)
+        return cos_t[pos].unsqueeze(2), sin_t[pos].unsqueeze(2)
+
+    def forward_first_draft(self, tokens: torch.Tensor, target_cache: "KVCacheLike", positions: torch.Tensor | None = None,
+                            row: int = 0) -> torch.Tensor:
+        """Final hidden [1, n, D] at ``positions`` (default: all T), where position t attends the *target's*
+        keys 0..t-1 (slot ``row`` of ``target_cache``, already filled for ``tokens`` [1, T]) and its own key at t.
+
+        That is exactly a shared-KV draft step at t (the first draft position: the drafter reads the
+        target's K/V for the prefix, its own for the token it is fed). Each position depends only on the
+        target's cache and its own token, so any subset can be scored in one pass, teacher-forced, at a
+        cost that grows with the subset, not T. Writes nothing to the cache.
+        """
+        B, T = tokens.shape
+        if B != 1:
+            raise ValueError(f"forward_first_draft takes one sequence, got a batch of {B}")
+        if T > target_cache.capacity:
+            raise ValueError(f"forward_first_draft: {T} tokens, the target cache holds {target_cache.capacity}")
+        dev = self.device
+        pos = torch.arange(T, device=dev) if positions is None else torch.as_tensor(positions, device=dev).long()
+        n = pos.numel()
+        if n == 0 or int(pos.min()) < 0 or int(pos.max()) >= T:
+            raise ValueError(f"forward_first_draft: positions must be non-empty and within 0..{T - 1}")
+        span = int(pos.max())  # target keys 0..span-1 are read
+        cos, sin = self._rope_at(pos.view(1, n), span + 1)
+        ctx = ForwardCtx(rows=pos.view(1, n)[:, :1], row0=row, pos=pos.view(1, n), span=span, mask=None, cos=cos, sin=sin)
+        past = torch.arange(span, device=dev).view(1, span) < pos.view(n, 1)
+        mask = torch.cat([past, torch.eye(n, dtype=torch.bool, device=dev)], -1).view(1, 1, n, span + n)
+        x = self.embed(tokens[:, pos])
+        for i, layer in enumerate(self.layers):
+            a = layer.attn
+            q, k, v = a.project(layer.attn_norm(x), ctx)
+            keys = torch.cat([target_cache.k[i][row : row + 1, :, :span], k.transpose(1, 2)], 2)
+            vals = torch.cat([target_cache.v[i][row : row + 1, :, :span], v.transpose(1, 2)], 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, scale=a.scale,
+                                                 enable_gqa=a.h != a.hkv)
+            x = x + a.o(out.transpose(1, 2).reshape(1, n, a.h * a.hd))
+            x = x + layer.mlp(layer.mlp_norm(x))
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
