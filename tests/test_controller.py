@@ -122,7 +122,7 @@ def mode_changes(log):
 
 
 def trained_profile(seed=0):
-    ctrl = Controller()
+    ctrl = Controller(probe_band=1e9)  # like `effroll tune`: measure every cell, even where a mode looks hopeless
     rng = np.random.default_rng(seed)
     for _ in range(2):
         rollout(ctrl, rng)
@@ -434,3 +434,19 @@ def test_acceptance_probes_discover_a_better_drafter_and_stop_for_a_worse_one(pr
     no_explore = Controller(profile=prof)  # the default: no acceptance probes
     log = rollout(no_explore, np.random.default_rng(seed), n=4, lengths=np.full(4, 10**6), a=0.9, max_steps=200)
     assert not any(r["spec"] for r in log)  # without probes the better drafter is never found
+
+
+def test_no_probes_where_the_other_mode_is_predicted_to_lose_badly(profile):
+    """Outside the profile's batch range the controller used to probe SD once per new cell even where
+    the model predicts it at half AR's goodput (B=64 on the CPU: 0.56x predicted, 0.55x measured)."""
+    t, B = Truth(), 512
+    assert t.best(B, 300, 0.8)[2] < 0.6 and B > Controller(profile=profile)._domain["B"][1] * 1.5
+    runs = {}
+    for band in (1.5, 100.0):
+        ctrl = Controller(profile=profile, probe_band=band)
+        log = rollout(ctrl, np.random.default_rng(0), n=B, lengths=np.full(B, 10**6), a=0.8, max_steps=60)
+        runs[band] = (ctrl.stats()["probe_steps"], sum(r["spec"] for r in log))
+    assert runs[1.5] == (0, 0)
+    assert runs[100.0][0] > 0  # without the band: probes in every new cell (what the band saves)
+    with pytest.raises(ValueError, match="probe_band must be > 1, got 1"):
+        Controller(probe_band=1)
