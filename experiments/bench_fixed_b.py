@@ -2,6 +2,8 @@
 
 For each B: B chat prompts, every response exactly ``--tokens`` long (EOS ignored), ``max_batch=B``,
 so the active batch stays at B for the whole run. Modes interleaved per repeat; median [min-max].
+Each repeat draws new request seeds (the same for every mode within a repeat): with one fixed seed a
+B=1 run is a single sampled path, and one mode's lucky acceptance on it decided the "best" mode.
 Issue 4's goal: adaptive <= 1.03x the wall time of the better of AR and the best static K.
 
     python experiments/bench_fixed_b.py --model M --batch 1 2 4 8 16 32 64 --k 1 2 4 --json
@@ -24,30 +26,40 @@ def main() -> None:
     ap.add_argument("--recipe", default="rtn-sym-g64")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     llm = LLM(a.model, recipe=a.recipe, max_batch=max(a.batch), kmax=max(8, max(a.k)))
     rows = []
     for B in a.batch:
         base = make_workload(llm, n=B, cap=a.tokens, seed=B)
-        wl = Workload(base.prompts, [SamplingParams(temperature=1.0, max_tokens=a.tokens, ignore_eos=True, seed=B * 1000 + i)
-                                     for i in range(B)])
         modes = ["ar"] + [f"sd_k{k}" for k in a.k] + ["adaptive"]
         walls: dict[str, list[float]] = {m: [] for m in modes}
-        for _ in range(a.repeats):
+        acc: dict[str, list[float]] = {m: [] for m in modes}
+        spec: list[float] = []
+        for r in range(a.repeats):
+            wl = Workload(base.prompts, [SamplingParams(temperature=1.0, max_tokens=a.tokens, ignore_eos=True,
+                                                        seed=(B * 1000 + r) * 1000 + i) for i in range(B)])
             for m in modes:
                 mode, k = ("sd", int(m[4:])) if m.startswith("sd_k") else (m, 4)
-                walls[m].append(run_mode(llm, wl, mode, k=k, profile="auto" if m == "adaptive" else None)["wall_s"])
+                res = run_mode(llm, wl, mode, k=k, profile="auto" if m == "adaptive" else None)
+                walls[m].append(res["wall_s"])
+                if res["acceptance"] is not None:
+                    acc[m].append(res["acceptance"])
+                if m == "adaptive":
+                    spec.append(res["speculative_share"])
         med = {m: statistics.median(v) for m, v in walls.items()}
         best = min(med[m] for m in modes if m != "adaptive")
         rows.append({"B": B, "wall_s": med, "min": {m: min(v) for m, v in walls.items()},
                      "max": {m: max(v) for m, v in walls.items()}, "adaptive_vs_best": med["adaptive"] / best,
-                     "best_mode": min((m for m in modes if m != "adaptive"), key=med.get)})
+                     "best_mode": min((m for m in modes if m != "adaptive"), key=med.get),
+                     "acceptance": {m: statistics.median(v) for m, v in acc.items() if v},
+                     "adaptive_speculative_share": statistics.median(spec)})
         r = rows[-1]
         print(f"B={B:3d}  " + "  ".join(f"{m} {med[m]:.2f}" for m in modes)
-              + f"  | best {r['best_mode']}, adaptive/best {r['adaptive_vs_best']:.3f}", flush=True)
+              + f"  | best {r['best_mode']}, adaptive/best {r['adaptive_vs_best']:.3f}"
+              + f" (adaptive speculated {r['adaptive_speculative_share']:.0%})", flush=True)
     if a.json:
         print(json.dumps({"recipe": a.recipe, "tokens": a.tokens, "repeats": a.repeats, "rows": rows}))
 
