@@ -268,6 +268,19 @@ def test_hessian_collector_matches_layer_inputs():
     assert set(collect_hessians(m, [[1, 2, 3]], kinds=("o",))) == {"layers.0.attn.o", "layers.1.attn.o"}
 
 
+def test_hessian_collector_bf16_model_sums_in_float32():
+    cfg = tiny_cfg()
+    m = tiny_model(cfg, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 3, 8]])
+    with HessianCollector(m, ("qkv",), flush_rows=3) as hc:  # several bf16 flushes
+        for _ in range(3):
+            m(ids, torch.zeros(1, dtype=torch.long), KVCache(cfg, 1, 8, m.dtype, "cpu"), [0])
+        H = hc.hessians()["layers.0.attn.qkv"]
+    assert H.dtype == torch.float32
+    x = m.layers[0].attn_norm(m.embed(ids))[0].float()
+    torch.testing.assert_close(H, x.T @ x / 8, rtol=2e-2, atol=2e-2 * float(H.abs().max()))
+
+
 # ----------------------------------------------------------------------------- derivation
 
 

@@ -16,8 +16,9 @@ the kernel's contiguous one). ``refine_iters`` least-squares refits of each grou
 
 ``HessianCollector`` accumulates ``H`` from whatever forwards the target runs (forward hooks), so
 the engine's verification passes on the policy's own rollouts can feed the next refresh. It is not
-free: ``X^T X`` costs about as many FLOPs as the layer itself (float32), so sample a fraction of the
-forwards (``sample_every``); ~10-20k tokens per refresh suffice. qkv (and gate_up) are fused, so
+free: ``X^T X`` costs about as many FLOPs as the layer itself (a bf16 GEMM per flush for bf16
+models), so sample a fraction of the forwards (``sample_every``); a few thousand tokens per refresh
+suffice (SmolLM2: 4.4k tokens of chat rollouts vs 2k self-sampled ones, 0.818 vs 0.802 acceptance). qkv (and gate_up) are fused, so
 their q/k/v (gate/up) parts share one Hessian. The pseudo-kind ``"lm_head"`` collects the LM head's
 input (the final norm's output, hooked there so that forwards which stop before the head count too)
 under the name ``"lm_head"``: a recipe with ``lm_head = "int4"`` and ``method = "gptq"`` uses it.
@@ -45,7 +46,8 @@ class HessianCollector:
     """Forward hooks that accumulate ``sum_t x_t x_t^T`` (float32) and a token count per linear input.
 
     Inputs are buffered (in their own dtype) and folded into the sums ``flush_rows`` rows at a time:
-    one float32 GEMM per flush instead of a K x K read-modify-write per (small) verification pass.
+    one GEMM per flush (bf16 for bf16 inputs, summed in float32) instead of a K x K read-modify-write
+    per (small) verification pass.
     ``sample_every = n`` keeps only every n-th forward of each linear (Hessians need far fewer tokens
     than rollouts produce). ``hessians()`` returns the means ``H / n``. Use as a context manager
     (hooks removed on exit) or call ``remove()``; ``enabled = False`` pauses collection. Padded rows
@@ -57,7 +59,7 @@ class HessianCollector:
         if sample_every < 1 or flush_rows < 1:
             raise ValueError(f"sample_every and flush_rows must be >= 1, got {sample_every}, {flush_rows}")
         self.sample_every, self.flush_rows = sample_every, flush_rows
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # float32
         self.counts: dict[str, int] = {}
         self.enabled = True
         self._buf: dict[str, list[torch.Tensor]] = {}
@@ -97,8 +99,11 @@ class HessianCollector:
         buf = self._buf.pop(name, None)
         if not buf:
             return
-        x = torch.cat(buf).float()
-        xtx = x.T @ x
+        x = torch.cat(buf)
+        # bf16 inputs: one bf16 GEMM per flush (its fp32 accumulation rounded to bf16 once per flush, then
+        # summed in fp32): 5-6x cheaper than an fp32 GEMM on CPU; measured drafter acceptance 0.8172 vs
+        # 0.8183 (gptq-asym-g64, SmolLM2). Other dtypes accumulate in fp32.
+        xtx = (x.T @ x).float() if x.dtype == torch.bfloat16 else x.float().T @ x.float()
         # out of place: the sums may be inference tensors (forwards under torch.inference_mode)
         self.sums[name] = self.sums[name] + xtx if name in self.sums else xtx
 
