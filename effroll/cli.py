@@ -193,9 +193,13 @@ def _stderr_console():
               help="Fixed prompt set size (chat prompts from `effroll bench`'s generator).")
 @click.option("--tokens", type=click.IntRange(1), default=64, show_default=True, help="Continuation length.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib-prompts", type=click.IntRange(0), default=0, show_default=True,
+              help="GPTQ recipes: calibrate on the target's rollouts of this many other chat prompts (128 tokens "
+                   "each, none equal to an evaluated prompt), as AdaptiveSpecRollout does; 0: the recipe's "
+                   "self-sampled calibration.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per recipe, one per line.")
 @_user_errors
-def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, as_json) -> None:
+def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, calib_prompts, as_json) -> None:
     """Acceptance, KL, weight error, refresh time, size and step time of INT4 drafter recipes."""
     from .bench import make_workload
     from .drafter.recipe import load_recipe
@@ -208,9 +212,19 @@ def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, as_json) ->
     llm = LLM(model_path, recipe=None)
     prompts = make_workload(llm, n=n_prompts, cap=tokens, seed=seed).prompts
     conts = sample_continuations(llm.model, prompts, tokens, seed=seed)
+    calib = None
+    if calib_prompts:
+        seen = {tuple(p) for p in prompts}
+        pool = [p for p in make_workload(llm, n=8 * calib_prompts, cap=8, seed=seed + 1).prompts if tuple(p) not in seen]
+        if len(pool) < calib_prompts:
+            raise click.UsageError(f"--calib-prompts {calib_prompts}: only {len(pool)} chat prompts differ from the "
+                                   "evaluated ones; ask for fewer")
+        pool = pool[:calib_prompts]
+        calib = [p + c for p, c in zip(pool, sample_continuations(llm.model, pool, 128, seed=seed + 1))]
     rows = []
     for r in recipes:
-        rep = drafter_report(llm.model, r, prompts, n_tokens=tokens, seed=seed, continuations=conts)
+        rep = drafter_report(llm.model, r, prompts, n_tokens=tokens, seed=seed, continuations=conts, calibration=calib)
+        rep["calibration"] = f"rollouts of {calib_prompts} other prompts" if calib else "recipe (self-sampled)"
         rows.append(rep)
         if as_json:
             click.echo(json.dumps({k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool, type(None)))}))

@@ -38,3 +38,18 @@ def test_bench_bad_k_is_a_user_error(tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "m", vocab=128)
     res = CliRunner().invoke(main, ["bench", "--model", str(ckpt), "--k", "2,x"])
     assert res.exit_code == 2 and "--k must be a comma-separated list of ints" in res.output
+
+
+def test_drafter_report_json_with_rollout_calibration(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "m", vocab=128)
+    res = CliRunner().invoke(main, ["drafter-report", "--model", str(ckpt), "--recipe", "rtn-sym-g32", "--recipe",
+                                    "gptq-asym-g64-int4head", "--prompts", "3", "--tokens", "8", "--calib-prompts", "4",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.strip().splitlines() if line.startswith("{")]
+    assert [r["recipe"] for r in rows] == ["rtn-sym-g32", "gptq-asym-g64-int4head"]
+    for r in rows:
+        assert {"acceptance", "kl", "refresh_s", "drafter_bytes", "target_bytes", "drafter_step_s",
+                "target_step_s"} <= set(r) and 0 < r["acceptance"] <= 1
+        assert r["calibration"] == "rollouts of 4 other prompts"
+    assert rows[1]["calib_s"] > 0  # GPTQ collected its Hessians on those rollouts
