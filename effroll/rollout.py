@@ -580,7 +580,12 @@ class AdaptiveSpecRollout:
             # Nothing observed since the drafter changed: start from its teacher-forced score on the
             # latest rollouts instead of the profile's prior (in AR the controller never observes a).
             ts = time.perf_counter()
-            a = llm.acceptance_estimate()
+            try:
+                a = llm.acceptance_estimate()
+            except Exception as e:  # noqa: BLE001 - a failed estimate must not cost the rollout
+                a = None
+                self._warn("score", f"effroll: scoring the drafter failed ({type(e).__name__}: {e}); "
+                                    "the controller keeps its prior acceptance")
             if a is not None:
                 self.controller.reset_acceptance(prior=a, source="scored")
             self.score_s += time.perf_counter() - ts

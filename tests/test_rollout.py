@@ -256,3 +256,19 @@ def test_adaptive_starts_from_the_drafters_scored_acceptance():
     assert off.stats()["controller"]["acceptance_prior_source"] == "default" and off.score_s == 0
     with pytest.raises(ValueError, match="acceptance prior must be a number in \\[0, 1\\], got 1.5"):
         off.controller.reset_acceptance(prior=1.5)
+
+
+def test_a_failing_drafter_score_warns_and_the_rollout_goes_on(monkeypatch):
+    llm = make_llm()
+    ro = AdaptiveSpecRollout(None, llm=llm, profile=None)
+    ro([[5, 6, 7]] * 2, SamplingParams(max_tokens=6, seed=1))
+
+    def boom(*a, **k):
+        raise RuntimeError("no memory")
+
+    monkeypatch.setattr(llm, "acceptance_estimate", boom)
+    fresh = AdaptiveSpecRollout(None, llm=llm, profile=None)
+    with pytest.warns(RuntimeWarning, match="scoring the drafter failed.*no memory"):
+        outs = fresh([[5, 6, 7]] * 2, SamplingParams(max_tokens=6, seed=2))
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+    assert fresh.stats()["controller"]["acceptance_prior_source"] == "default"
