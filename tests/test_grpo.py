@@ -138,6 +138,7 @@ def test_rollouts_are_grouped_seeded_and_greedy_identical_across_modes(tiny_ckpt
     wrong = ref[:3] + [(ref[3] + 1) % llm.model.cfg.vocab_size] + ref[4:]  # what a broken sampler would emit
     div = probe._divergence(0, ref, wrong)
     assert div["pos"] == 3 and div["margin"] > 0 and div["near_tie"] is False  # fp32: a clear margin = a bug
+    assert 0 <= div["numerics"] < 1e-3 < div["margin"]  # fp32: the two forward shapes agree closely
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         build_rollout(llm, "fast", greedy)
 

@@ -143,10 +143,13 @@ class GreedyProbe:
     fresh or stale, reproduce AR's tokens exactly; None when the run has no drafter),
     ``greedy_digest`` (a digest of AR's tokens: equal across runs that share a policy, e.g. at step
     0) and, per row that differs, where and how close the target's top two logits were there
-    (``greedy_divergence``: row, position, margin, and ``near_tie`` when the margin is within two
-    units in the last place of the logit's dtype). In bf16 even AR itself is not batch-shape
-    invariant (a row's logits move by an ulp when the batch shrinks), so a near-tie divergence is
-    numerics; a divergence at a clear margin would be a bug.
+    (``greedy_divergence``: row, position, margin, ``numerics`` and ``near_tie``). ``numerics`` is
+    how far the target's logits at that position move between two shapes of the same computation:
+    one forward over the whole prefix vs a one-token decode step after it (max over the vocabulary).
+    ``near_tie`` when the top-two margin is within twice that (or two units in the last place): the
+    order of the top two can flip between AR's one-token steps and a K+1-token verify. In bf16 this
+    is routine (SmolLM2: the two shapes' logits differ by 0.125-0.44; a 0.19 margin flipped once in a
+    GRPO run); a divergence at a clear margin would be a bug.
     """
 
     def __init__(self, llm: LLM, prompt_ids: Sequence[Sequence[int]], mode: str, *, max_tokens: int, k: int = 4):
@@ -166,13 +169,26 @@ class GreedyProbe:
 
         from ..engine.kv_cache import full_logits
 
+        from ..engine.kv_cache import KVCache
+
         pos = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+        m = self.llm.model
+        seq = self.prompt_ids[row] + ref[:pos]
         with torch.no_grad():
-            logits = full_logits(self.llm.model, self.prompt_ids[row] + ref[:pos])[-1]
+            logits = full_logits(m, seq)[-1]
+            ids = torch.as_tensor(seq, dtype=torch.long, device=m.device).view(1, -1)
+            n = ids.shape[1]
+            numerics = 0.0
+            if n >= 2:
+                cache = KVCache(m.cfg, 1, n, m.dtype, m.device)
+                m(ids[:, :-1], torch.zeros(1, dtype=torch.long, device=m.device), cache, [0])
+                step = m.logits(m(ids[:, -1:], torch.tensor([n - 1], device=m.device), cache, [n - 1]))[0, -1]
+                numerics = float((logits - step).abs().max())
         top = torch.topk(logits, 2).values
-        ulp = torch.finfo(self.llm.model.dtype).eps * 2.0 ** math.floor(math.log2(max(abs(float(top[0])), 1e-30)))
+        ulp = torch.finfo(m.dtype).eps * 2.0 ** math.floor(math.log2(max(abs(float(top[0])), 1e-30)))
         margin = float(top[0] - top[1])
-        return {"row": row, "pos": pos, "margin": margin, "near_tie": margin <= 2 * ulp}
+        return {"row": row, "pos": pos, "margin": margin, "numerics": numerics,
+                "near_tie": margin <= max(2 * ulp, 2 * numerics)}
 
     def check(self) -> dict[str, Any]:
         ref = self.ar(self.prompt_ids)
