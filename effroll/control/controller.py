@@ -112,8 +112,9 @@ class Controller:
             ok = isinstance(a0, (int, float)) and 0 <= a0 <= 1
             acceptance = AcceptanceEstimator(prior=a0) if ok else AcceptanceEstimator()
         self.acceptance = acceptance
-        self.prior_source = "profile" if (profile is not None and acceptance.prior == a0) else "default"
-        self.prior_value = acceptance.prior
+        # where the acceptance prior comes from until reset_acceptance(prior=...) says otherwise
+        self._base_prior_source = "profile" if (profile is not None and acceptance.prior == a0) else "default"
+        self.prior_source, self.prior_value = self._base_prior_source, acceptance.prior
         if cost_model is not None:
             self.cost = cost_model
         elif profile is not None:
@@ -255,14 +256,17 @@ class Controller:
         self.counters["sign_assessed"] += 1
         self.counters["sign_correct"] += pred == (g_sd > g_ar)
 
-    def reset_acceptance(self, prior: float | None = None, source: str = "profile") -> None:
+    def reset_acceptance(self, prior: float | None = None, source: str = "given") -> None:
         """Call after update_policy: the drafter changed, so forget its acceptance history. ``prior``:
-        restart from this acceptance (e.g. the new drafter's teacher-forced score) instead of the default."""
+        restart from this acceptance (e.g. the new drafter's teacher-forced score, ``source="scored"``)
+        instead of the estimator's own prior."""
         if prior is not None and not (isinstance(prior, (int, float)) and 0.0 <= prior <= 1.0):
             raise ValueError(f"acceptance prior must be a number in [0, 1], got {prior!r}")
         self.acceptance.reset(prior)
-        self.prior_source = source if prior is not None else "profile" if self.profile else "default"
-        self.prior_value = self.acceptance.prior if prior is None else float(prior)
+        if prior is None:
+            self.prior_source, self.prior_value = self._base_prior_source, self.acceptance.prior
+        else:
+            self.prior_source, self.prior_value = source, float(prior)
 
     def stats(self) -> dict:
         c = self.counters

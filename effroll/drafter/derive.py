@@ -19,7 +19,7 @@ from torch import nn
 
 from effroll.engine.model import ModelConfig, Transformer, convert_hf_state_dict, rope_inv_freq
 
-from .gptq import HEAD, LINEAR_PATHS, collect_hessians, gptq_quantize_batch, linear_name
+from .gptq import HEAD, LINEAR_PATHS, collect_hessians, gptq_quantize, gptq_quantize_batch, linear_name
 from .int4 import Int4Linear, Int8Linear, quantize_rtn
 from .recipe import LINEAR_KINDS, Recipe, load_recipe
 from .sampling import sample_continuations
@@ -233,10 +233,7 @@ def derive_drafter(
         if recipe.lm_head == "int8":
             d.lm_head = Int8Linear(w.to(dev))
         elif recipe.method == "gptq":  # error compensation on the final hidden states' Hessian
-            o = recipe.gptq
-            qw = gptq_quantize_batch(w.detach().to(dev).float()[None], hessians[HEAD].to(dev).float()[None],
-                                     recipe.group_size, recipe.symmetric, o.damp, o.block_size, o.act_order,
-                                     recipe.refine_iters)[0]
+            qw = gptq_quantize(w.detach().to(dev).float(), hessians[HEAD].to(dev).float(), recipe)
             d.lm_head = Int4Linear(qw, device=dev)
         else:
             qw = quantize_rtn(w.to(dev), recipe.group_size, recipe.symmetric, recipe.refine_iters)

@@ -18,8 +18,8 @@ the kernel's contiguous one). ``refine_iters`` least-squares refits of each grou
 the engine's verification passes on the policy's own rollouts can feed the next refresh. It is not
 free: ``X^T X`` costs about as many FLOPs as the layer itself (a bf16 GEMM per flush for bf16
 models), so sample a fraction of the forwards (``sample_every``); a few thousand tokens per refresh
-suffice (SmolLM2: 4.4k tokens of chat rollouts vs 2k self-sampled ones, 0.818 vs 0.802 acceptance). qkv (and gate_up) are fused, so
-their q/k/v (gate/up) parts share one Hessian. The pseudo-kind ``"lm_head"`` collects the LM head's
+suffice (SmolLM2: 4.4k tokens of chat rollouts vs 2k self-sampled ones, 0.818 vs 0.802 acceptance).
+qkv (and gate_up) are fused, so their q/k/v (gate/up) parts share one Hessian. The pseudo-kind ``"lm_head"`` collects the LM head's
 input (the final norm's output, hooked there so that forwards which stop before the head count too)
 under the name ``"lm_head"``: a recipe with ``lm_head = "int4"`` and ``method = "gptq"`` uses it.
 """

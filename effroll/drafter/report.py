@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from effroll.engine.kv_cache import KVCache, full_logits
+from effroll.engine.kv_cache import KVCache
 
 from .derive import derive_drafter, drafter_nbytes, model_nbytes
 from .gptq import LINEAR_PATHS
@@ -32,15 +32,33 @@ from .recipe import Recipe, load_recipe
 from .sampling import sample_continuations
 
 
+def _paired_logits(target, drafter, seq: Sequence[int], s: int, shared_kv: bool, per_sequence: int | None):
+    """Target and drafter logits [n, V] at the positions predicting ``seq[s:]`` (``per_sequence`` of them,
+    evenly spaced, if given): one target forward; the drafter reads the target's K/V for the prefix
+    (``shared_kv``, :meth:`Transformer.forward_first_draft` at those positions only) or runs its own
+    full forward."""
+    ids = torch.as_tensor(list(seq[:-1]), dtype=torch.long, device=target.device).view(1, -1)
+    pos = torch.arange(s - 1, ids.shape[1], device=target.device)  # position t predicts seq[t + 1]
+    if per_sequence is not None and pos.numel() > per_sequence:
+        pos = pos[torch.linspace(0, pos.numel() - 1, per_sequence, device=pos.device).round().long()]
+    zero = torch.zeros(1, dtype=torch.long, device=target.device)
+    cache = KVCache(target.cfg, 1, ids.shape[1], target.dtype, target.device)
+    lp = target.logits(target(ids, zero, cache, [0])[0, pos])
+    if shared_kv:
+        return lp, drafter.logits(drafter.forward_first_draft(ids, cache, pos)[0])
+    cache_d = KVCache(drafter.cfg, 1, ids.shape[1], drafter.dtype, drafter.device)
+    return lp, drafter.logits(drafter(ids, zero, cache_d, [0])[0, pos])
+
+
 @torch.no_grad()
 def acceptance_kl(target, drafter, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> dict[str, float]:
-    """Mean ``sum_x min(p, q)`` and ``KL(p || q)`` over the positions predicting ``seq[starts[i]:]``."""
+    """Mean ``sum_x min(p, q)`` and ``KL(p || q)`` over the positions predicting ``seq[starts[i]:]``
+    (temperature 1, each model on its own full forward)."""
     accs, kls = [], []
     for seq, s in zip(sequences, starts):
         if len(seq) <= s or s < 1:
             continue
-        lp = torch.log_softmax(full_logits(target, seq)[s - 1 : len(seq) - 1], -1)
-        lq = torch.log_softmax(full_logits(drafter, seq)[s - 1 : len(seq) - 1], -1)
+        lp, lq = (torch.log_softmax(x, -1) for x in _paired_logits(target, drafter, seq, s, False, None))
         accs.append(torch.minimum(lp, lq).exp().sum(-1))
         kls.append((lp.exp() * (lp - lq)).sum(-1))
     if not accs:
@@ -58,9 +76,8 @@ def first_draft_acceptance(target, drafter, sequences: Sequence[Sequence[int]], 
     Mean over the positions predicting ``seq[starts[i]:]`` (``per_sequence``: that many of them, evenly
     spaced) of ``sum_x min(p(x), q(x))`` under each sequence's sampling parameters (``params[i]``:
     temperature, top-k, top-p; default temperature 1; greedy: ``1[argmax p == argmax q]``). With
-    ``shared_kv`` the drafter reads the target's K/V for the prefix
-    (:meth:`Transformer.forward_first_draft`, run at the scored positions only), as the engine's
-    shared-cache drafter does; else it runs a full forward on its own cache. No sampling.
+    ``shared_kv`` the drafter reads the target's K/V for the prefix, as the engine's shared-cache
+    drafter does; else it runs on its own cache. No sampling.
     """
     from effroll.engine.sampling import SamplingParams, process_probs
 
@@ -69,18 +86,7 @@ def first_draft_acceptance(target, drafter, sequences: Sequence[Sequence[int]], 
         if len(seq) <= s or s < 1:
             continue
         sp = params[i] if params is not None else SamplingParams()
-        ids = torch.as_tensor(list(seq[:-1]), dtype=torch.long, device=target.device).view(1, -1)
-        pos = torch.arange(s - 1, ids.shape[1], device=target.device)  # position t predicts seq[t + 1]
-        if per_sequence is not None and pos.numel() > per_sequence:
-            pos = pos[torch.linspace(0, pos.numel() - 1, per_sequence, device=pos.device).round().long()]
-        zero = torch.zeros(1, dtype=torch.long, device=target.device)
-        cache = KVCache(target.cfg, 1, ids.shape[1], target.dtype, target.device)
-        lp = target.logits(target(ids, zero, cache, [0])[0, pos])
-        if shared_kv:
-            lq = drafter.logits(drafter.forward_first_draft(ids, cache, pos)[0])
-        else:
-            cache_d = KVCache(drafter.cfg, 1, ids.shape[1], drafter.dtype, drafter.device)
-            lq = drafter.logits(drafter(ids, zero, cache_d, [0])[0, pos])
+        lp, lq = _paired_logits(target, drafter, seq, s, shared_kv, per_sequence)
         n = lp.shape[0]
         if sp.temperature == 0:
             vals.append((lp.argmax(-1) == lq.argmax(-1)).float())
