@@ -258,20 +258,7 @@ class LLM:
 
     # ------------------------------------------------------------------ generation
     def _prompt_ids(self, p: Any) -> tuple[str | None, list[int]]:
-        if isinstance(p, Mapping):
-            if "prompt_token_ids" in p:
-                return p.get("prompt"), list(p["prompt_token_ids"])
-            if "prompt" in p:
-                p = p["prompt"]
-            else:
-                raise ValueError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(p)}")
-        if isinstance(p, str):
-            if self.tokenizer is None:
-                raise ValueError("text prompt given but the model has no tokenizer; pass token ids")
-            return p, self.tokenizer.encode(p, add_special_tokens=False)
-        if isinstance(p, (list, tuple)):
-            return None, list(p)
-        raise TypeError(f"unsupported prompt type {type(p).__name__}")
+        return prompt_ids(p, self.tokenizer)
 
     def _on_step(self, rec: StepRecord) -> None:
         for fn in self.listeners:
@@ -315,7 +302,26 @@ class LLM:
         self._estimate = (key, a)
         return a
 
-def expand_requests(prompts: Any, sampling_params: Any, prompt_ids: Callable[[Any], tuple[str | None, list[int]]],
+
+def prompt_ids(p: Any, tokenizer: Any = None) -> tuple[str | None, list[int]]:
+    """A vLLM-style prompt (text, token ids, or a dict with ``prompt``/``prompt_token_ids``) -> (text, ids)."""
+    if isinstance(p, Mapping):
+        if "prompt_token_ids" in p:
+            return p.get("prompt"), list(p["prompt_token_ids"])
+        if "prompt" in p:
+            p = p["prompt"]
+        else:
+            raise ValueError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(p)}")
+    if isinstance(p, str):
+        if tokenizer is None:
+            raise ValueError("text prompt given but the model has no tokenizer; pass token ids")
+        return p, tokenizer.encode(p, add_special_tokens=False)
+    if isinstance(p, (list, tuple)):
+        return None, list(p)
+    raise TypeError(f"unsupported prompt type {type(p).__name__}")
+
+
+def expand_requests(prompts: Any, sampling_params: Any, parse: Callable[[Any], tuple[str | None, list[int]]],
                     vocab_size: int) -> tuple[list[GenerationOutput], list[list[int]], list[SamplingParams], list]:
     """vLLM-style ``generate`` inputs -> (one empty output per request, then its ``n`` samples flattened:
     prompt ids, SamplingParams (sample j > 0 of a seeded request gets seed + j), (request, sample) owners)."""
@@ -323,7 +329,7 @@ def expand_requests(prompts: Any, sampling_params: Any, prompt_ids: Callable[[An
     flat, params, owners = [], [], []
     results: list[GenerationOutput] = []
     for i, (p, sp) in enumerate(zip(prompts, sps)):
-        text, ids = prompt_ids(p)
+        text, ids = parse(p)
         n = int(getattr(sp, "n", None) or (sp.get("n", 1) if isinstance(sp, Mapping) else 1))
         base = to_sampling_params(sp, vocab_size)
         results.append(GenerationOutput(f"{i}", text, ids))

@@ -38,7 +38,6 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -49,7 +48,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("effroll.dist.ray_pool needs Ray: pip install 'effroll[ray]'") from e
 
-from ..engine.torch_engine import TorchEngine
+from ..engine.torch_engine import check_prompt_ids
 from ..rollout import AdaptiveSpecRollout, as_request_list, summarize_steps
 
 
@@ -262,26 +261,18 @@ class _VLLMWorker(_Worker):
         """Digests of the target and draft weights vLLM holds now (hashes every byte: for tests and checks)."""
         return dict(zip(("target", "drafter"), self.engine.llm.collective_rpc(_vllm_digests)[0]))
 
-    tokenizer = None  # token-id prompts only (the engine runs with skip_tokenizer_init)
-
-    def _prompt_ids(self, p: Any) -> tuple[str | None, list[int]]:
-        from ..rollout import LLM
-
-        return LLM._prompt_ids(self, p)  # the front door's parsing; uses only .tokenizer
-
     def check_request(self, prompt: Any, sp: Any) -> None:
-        from ..rollout import to_sampling_params
+        from ..rollout import prompt_ids, to_sampling_params
 
-        _, ids = self._prompt_ids(prompt)
-        limits = SimpleNamespace(vocab=self.model.cfg.vocab_size, max_seq_len=self.engine.max_seq_len)
-        TorchEngine.validate_prompt(limits, ids)  # the torch workers' checks and messages
+        _, ids = prompt_ids(prompt)  # token ids only: the engine runs with skip_tokenizer_init
+        check_prompt_ids(ids, self.model.cfg.vocab_size, self.engine.max_seq_len)  # the torch workers' checks
         to_sampling_params(sp, self.model.cfg.vocab_size).validate(self.model.cfg.vocab_size)
 
     def generate(self, items: list[tuple[Any, Any]]) -> tuple[list, dict]:
-        from ..rollout import expand_requests, fill_outputs
+        from ..rollout import expand_requests, fill_outputs, prompt_ids
 
         results, flat, params, owners = expand_requests([p for p, _ in items], [sp for _, sp in items],
-                                                        self._prompt_ids, self.model.cfg.vocab_size)
+                                                        prompt_ids, self.model.cfg.vocab_size)
         plan = 0 if self.mode == "ar" else self.k if self.mode == "sd" else None
         t0 = time.perf_counter()
         outs = self.engine.generate(flat, params, plan=plan if self.engine.speculative else None)

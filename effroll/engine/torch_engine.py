@@ -39,6 +39,24 @@ from .sampling import (SamplingParams, greedy_accept, process_logits, process_pr
                        speculative_accept, uniforms)
 
 
+def check_prompt_ids(prompt_token_ids: Sequence[int], vocab: int, max_seq_len: int) -> list[int]:
+    """The prompt as a list of ints, or a ValueError/TypeError naming what is wrong with it."""
+    if isinstance(prompt_token_ids, (str, bytes)):
+        raise TypeError("prompt_token_ids must be a sequence of ints, got a string (tokenize it first)")
+    ids = list(prompt_token_ids)
+    if not ids:
+        raise ValueError("empty prompt: prompt_token_ids has no tokens")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not (0 <= t < vocab):
+            raise ValueError(f"prompt token id {t!r} is not an int in [0, {vocab})")
+    if len(ids) >= max_seq_len:
+        raise ValueError(
+            f"prompt of {len(ids)} tokens is longer than the context: max_seq_len is {max_seq_len} "
+            f"(prompt + at least one generated token must fit)"
+        )
+    return ids
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -175,20 +193,7 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ requests
     def validate_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
-        if isinstance(prompt_token_ids, (str, bytes)):
-            raise TypeError("prompt_token_ids must be a sequence of ints, got a string (tokenize it first)")
-        ids = list(prompt_token_ids)
-        if not ids:
-            raise ValueError("empty prompt: prompt_token_ids has no tokens")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not (0 <= t < self.vocab):
-                raise ValueError(f"prompt token id {t!r} is not an int in [0, {self.vocab})")
-        if len(ids) >= self.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens is longer than the context: max_seq_len is {self.max_seq_len} "
-                f"(prompt + at least one generated token must fit)"
-            )
-        return ids
+        return check_prompt_ids(prompt_token_ids, self.vocab, self.max_seq_len)
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, index: int = 0) -> str:
