@@ -281,7 +281,8 @@ class LLM:
 
     def acceptance_estimate(self, positions: int = 48, sequences: int = 2, max_len: int = 256) -> float | None:
         """The current drafter's first-position acceptance, teacher-forced on the latest finished requests
-        (``positions`` evenly spaced over the first ``max_len`` generated tokens of the newest ``sequences``),
+        (``positions`` evenly spaced over the first ``max_len`` generated tokens of the newest ``sequences``,
+        sampled ones preferred over greedy ones),
         as the engine would see it (shared KV or not; each request's sampling parameters). None without a
         drafter or history. Computed once per drafter: on this CPU ~0.2 s for the defaults (one target
         forward per sequence and a drafter pass over the scored positions only, see
@@ -294,7 +295,9 @@ class LLM:
             return self._estimate[1]
         from .drafter.report import first_draft_acceptance
 
-        recent = list(self.recent)[-max(1, sequences):]
+        # Sampled requests first: greedy ones are typically checks and evals (e.g. the GRPO greedy probe),
+        # and their argmax agreement says little about the sampled rollouts the controller serves.
+        recent = ([r for r in self.recent if r[2].temperature > 0] or list(self.recent))[-max(1, sequences):]
         seqs = [seq[: start + max_len] for seq, start, _ in recent]
         a = first_draft_acceptance(self.model, d, seqs, [start for _, start, _ in recent], [sp for *_, sp in recent],
                                    shared_kv=self.engine.share_kv,

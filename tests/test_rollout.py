@@ -244,6 +244,9 @@ def test_adaptive_starts_from_the_drafters_scored_acceptance():
     ro([[5, 6, 7]] * 3, SamplingParams(max_tokens=12, seed=3))
     est = llm.acceptance_estimate()
     assert 0.0 < est < 1.0 and llm.acceptance_estimate() is est  # computed once per drafter
+    llm.generate([[5, 6, 7]] * 2, SamplingParams(temperature=0.0, max_tokens=12))  # a greedy check afterwards
+    llm._estimate = None
+    assert llm.acceptance_estimate() == pytest.approx(est)  # still scored on the sampled requests
     fresh = AdaptiveSpecRollout(None, llm=llm, profile=None)  # nothing observed yet: starts from the score
     fresh([[5, 6, 7]], SamplingParams(max_tokens=4, seed=4))
     st = fresh.stats()

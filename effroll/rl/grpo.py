@@ -167,9 +167,7 @@ class GreedyProbe:
     def _divergence(self, row: int, ref: list[int], got: list[int]) -> dict[str, Any]:
         import torch
 
-        from ..engine.kv_cache import full_logits
-
-        from ..engine.kv_cache import KVCache
+        from ..engine.kv_cache import KVCache, full_logits
 
         pos = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
         m = self.llm.model
