@@ -209,9 +209,10 @@ def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, calib_promp
 
     for r in recipes:
         load_recipe(r)  # fail fast on a bad recipe, before loading anything heavy
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     llm = LLM(model_path, recipe=None)
     prompts = make_workload(llm, n=n_prompts, cap=tokens, seed=seed).prompts
-    conts = sample_continuations(llm.model, prompts, tokens, seed=seed)
     calib = None
     if calib_prompts:
         seen = {tuple(p) for p in prompts}
@@ -220,14 +221,23 @@ def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, calib_promp
             raise click.UsageError(f"--calib-prompts {calib_prompts}: only {len(pool)} chat prompts differ from the "
                                    "evaluated ones; ask for fewer")
         pool = pool[:calib_prompts]
-        calib = [p + c for p, c in zip(pool, sample_continuations(llm.model, pool, 128, seed=seed + 1))]
     rows = []
-    for r in recipes:
-        rep = drafter_report(llm.model, r, prompts, n_tokens=tokens, seed=seed, continuations=conts, calibration=calib)
-        rep["calibration"] = f"rollouts of {calib_prompts} other prompts" if calib else "recipe (self-sampled)"
-        rows.append(rep)
-        if as_json:
-            click.echo(json.dumps({k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool, type(None)))}))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,
+                  console=_stderr_console()) as prog:
+        task = prog.add_task("sampling the evaluation continuations", total=None)
+        conts = sample_continuations(llm.model, prompts, tokens, seed=seed)
+        if calib_prompts:
+            prog.update(task, description=f"sampling rollouts of {calib_prompts} calibration prompts")
+            calib = [p + c for p, c in zip(pool, sample_continuations(llm.model, pool, 128, seed=seed + 1))]
+        for i, r in enumerate(recipes):
+            prog.update(task, description=f"recipe {i + 1}/{len(recipes)}: {r} (derive, score, time)")
+            rep = drafter_report(llm.model, r, prompts, n_tokens=tokens, seed=seed, continuations=conts,
+                                 calibration=calib)
+            rep["calibration"] = f"rollouts of {calib_prompts} other prompts" if calib else "recipe (self-sampled)"
+            rows.append(rep)
+            if as_json:
+                click.echo(json.dumps({k: v for k, v in rep.items()
+                                       if isinstance(v, (int, float, str, bool, type(None)))}))
     if as_json:
         return
     from rich.console import Console
