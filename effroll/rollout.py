@@ -149,6 +149,7 @@ class LLM:
         tokenizer: Any = None,
         hessian_every: int = 4,
         seed: int = 0,
+        compile_drafter: bool = False,
     ):
         from .checkpoints import load_model, load_tokenizer
 
@@ -170,7 +171,7 @@ class LLM:
             drafter = self._derive()
         # seed: the stream that seeds requests sent without one (give each replica its own).
         self.engine = TorchEngine(self.model, drafter, max_batch=max_batch, max_seq_len=max_seq_len, kmax=kmax,
-                                  seed=seed)
+                                  seed=seed, compile_drafter=compile_drafter)
         self.planner: Plan | Callable[[BatchView], Plan] = Plan(0)
         self.listeners: list[Callable[[StepRecord], None]] = []
         if recipe is not None and self._recipe_obj().method == "gptq":

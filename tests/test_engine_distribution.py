@@ -9,12 +9,14 @@ exact distribution. A negative control (a broken acceptance rule) must fail the 
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
+from effroll.engine import model as model_mod
 from effroll.engine import sampling as sampling_mod
 from effroll.engine.kv_cache import full_logits
 from effroll.engine.records import Plan
@@ -54,8 +56,9 @@ def exact_distribution(model, prompt, params: SamplingParams, depth: int, eos: s
     return dist
 
 
-def sample_engine(target, drafter, params, plan, n=N_SAMPLES, max_batch=500, share_kv=None):
-    eng = TorchEngine(target, drafter, max_batch=max_batch, kmax=5, seed=123, share_kv=share_kv)
+def sample_engine(target, drafter, params, plan, n=N_SAMPLES, max_batch=500, share_kv=None, compile_drafter=False):
+    eng = TorchEngine(target, drafter, max_batch=max_batch, kmax=5, seed=123, share_kv=share_kv,
+                      compile_drafter=compile_drafter)
     drafted = accepted = 0
 
     def on_step(rec):
@@ -121,6 +124,9 @@ SETTINGS = [
 # drafter's own cache, the path with catch-up (speculation toggled on after AR steps feeds the missed tokens).
 OWN_CACHE = {"t1.0-k3", "t1.0-mixedK", "t0.7-toggled"}
 SETTINGS += [(name + "-owncache", params, plan) for name, params, plan in SETTINGS if name in OWN_CACHE]
+# The drafter's decode through torch.compile'd layer chunks (compile_drafter): per-row K, toggling, catch-up.
+COMPILED = {"t1.0-k3", "t1.0-mixedK", "t0.7-toggled", "t0.7-toggled-owncache"}
+SETTINGS += [(name + "-compiled", params, plan) for name, params, plan in SETTINGS if name in COMPILED]
 
 
 @pytest.mark.parametrize("name,params,plan", SETTINGS, ids=[s[0] for s in SETTINGS])
@@ -130,7 +136,12 @@ def test_speculative_matches_exact_distribution(tiny_pair, name, params, plan):
         plan = alternating(3)
     exact = exact_distribution(target, PROMPT, params, DEPTH, eos={0})
     assert abs(sum(exact.values()) - 1) < 1e-6
-    counts, acc = sample_engine(target, drafter, params, plan, share_kv=not name.endswith("-owncache"))
+    compiled = name.endswith("-compiled")
+    if compiled:
+        drafter = copy.copy(drafter)  # same modules; the compile flag stays off the session fixture
+    counts, acc = sample_engine(target, drafter, params, plan, share_kv="-owncache" not in name,
+                                compile_drafter=compiled)
+    assert not compiled or model_mod.compile_error is None
     assert sum(counts.values()) == N_SAMPLES
     p = chi_square_pvalue(counts, exact, N_SAMPLES)
     assert p > ALPHA, f"{name}: chi-square p={p:.2e} (acceptance {acc})"

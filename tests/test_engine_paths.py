@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from effroll.engine import model as model_mod
 from effroll.engine.kv_cache import full_logits
 from effroll.engine.records import Plan
 from effroll.engine.sampling import SamplingParams, process_logits, splitmix64, uniforms
@@ -77,6 +80,27 @@ def test_logprobs_equal_fresh_full_forward(small_pair, plan, params, share_kv):
         assert torch.isfinite(ref).all()
         err = (ref - torch.tensor(o.logprobs)).abs().max().item()
         assert err <= 1e-4, f"logprob mismatch {err:.2e}"
+
+
+@pytest.mark.parametrize("plan", ["k3", "mixed", "toggled"])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_tokens=30, seed=1),
+                                    SamplingParams(temperature=0, max_tokens=30)], ids=["t1", "greedy"])
+@pytest.mark.parametrize("share_kv", [True, False], ids=["shared-kv", "own-cache"])
+def test_compiled_drafter_keeps_target_logprobs_and_greedy_tokens(small_pair, plan, params, share_kv):
+    # compile_drafter: draft steps run through torch.compile'd layer chunks; the target stays eager.
+    target, drafter = small_pair
+    drafter = copy.copy(drafter)  # same modules; the compile flag stays off the session fixture
+    eng = TorchEngine(target, drafter, max_batch=4, kmax=8, share_kv=share_kv, compile_drafter=True)
+    assert drafter.compile_decode and not target.compile_decode and eng.compile_s > 0
+    outs = eng.generate(PROMPTS, params, plan=get_plan(plan))
+    assert model_mod.compile_error is None
+    for prompt, o in zip(PROMPTS, outs):
+        err = (reference_logprobs(target, prompt, o, params) - torch.tensor(o.logprobs)).abs().max().item()
+        assert err <= 1e-4, f"logprob mismatch {err:.2e}"
+    if params.temperature == 0:
+        ar = TorchEngine(target, drafter, max_batch=4).generate(PROMPTS, params, plan=Plan(0))
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ar]
+        assert not drafter.compile_decode  # the AR engine took the drafter over, without compiling
 
 
 def test_seeded_requests_reproduce_regardless_of_batch(small_pair):

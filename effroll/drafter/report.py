@@ -12,11 +12,17 @@
 * drafter_step_s / target_step_s: median wall time of one batch-1 decode step (forward of one
   token on a KV cache holding ``context`` tokens, plus the LM head), the two models alternating
   every step (as in a K=1 draft: conservative, the drafter's weights are evicted each time);
-  ``*_run4``: the same with 4 consecutive steps per turn (a K=4 draft run).
+  ``*_run4``: the same with 4 consecutive steps per turn (a K=4 draft run);
+* ``compile=True``: the drafter's decode runs through a ``torch.compile``d block (the engine's
+  ``compile_drafter``): ``drafter_step_s`` is then the compiled drafter's, measured in the same
+  rotation as the eager drafter (``drafter_step_s_eager``) and the (always eager) target;
+  ``compile_s`` is the one-off compile time of the batch-1 decode graph (shorter when inductor's
+  on-disk cache already holds it).
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Any, Mapping, Sequence
@@ -162,6 +168,7 @@ def drafter_report(
     calibration: Sequence[Sequence[int]] | None = None,
     step_context: int = 128,
     step_iters: int = 16,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Derive ``recipe``'s drafter from ``target`` and measure it (see the module docstring).
 
@@ -179,8 +186,22 @@ def drafter_report(
         continuations = sample_continuations(target, prompts, n_tokens, seed=seed)
     seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
     ak = acceptance_kl(target, drafter, seqs, [len(p) for p in prompts])
-    d_step, t_step = decode_step_seconds([drafter, target], step_context, step_iters, seed)
-    d_run, t_run = decode_step_seconds([drafter, target], step_context, max(4, step_iters // 4), seed, block=4)
+    extra: dict[str, Any] = {}
+    if compile:
+        eager = drafter
+        drafter = copy.copy(eager)  # shares every module and tensor; only the flag differs
+        drafter.compile_decode = True
+        t0 = time.perf_counter()
+        decode_step_seconds([drafter], step_context, iters=1, seed=seed)  # compiles the batch-1 decode graph
+        extra["compile_s"] = time.perf_counter() - t0
+        d_step, e_step, t_step = decode_step_seconds([drafter, eager, target], step_context, step_iters, seed)
+        d_run, e_run, t_run = decode_step_seconds([drafter, eager, target], step_context, max(4, step_iters // 4),
+                                                  seed, block=4)
+        extra.update(drafter_step_s_eager=e_step, step_speedup_eager=t_step / e_step,
+                     drafter_step_s_run4_eager=e_run, step_speedup_run4_eager=t_run / e_run)
+    else:
+        d_step, t_step = decode_step_seconds([drafter, target], step_context, step_iters, seed)
+        d_run, t_run = decode_step_seconds([drafter, target], step_context, max(4, step_iters // 4), seed, block=4)
     t_bytes = model_nbytes(target)
     d_bytes, d_total = drafter_nbytes(drafter, True), drafter_nbytes(drafter, False)
     return {
@@ -202,4 +223,6 @@ def drafter_report(
         "drafter_step_s_run4": d_run,  # the same, 4 consecutive steps per turn (a K=4 draft run)
         "target_step_s_run4": t_run,
         "step_speedup_run4": t_run / d_run,
+        "compiled": bool(compile),
+        **extra,
     }

@@ -119,9 +119,12 @@ class TorchEngine:
         kmax: int = 8,
         seed: int = 0,
         share_kv: bool | None = None,
+        compile_drafter: bool = False,
     ):
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be an effroll Transformer, got {type(model).__name__}")
+        if not isinstance(compile_drafter, bool):
+            raise TypeError(f"compile_drafter must be a bool, got {compile_drafter!r}")
         for name, v in (("max_batch", max_batch), ("kmax", kmax)):
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "max_batch" else 0):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -141,6 +144,10 @@ class TorchEngine:
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)
         self.share_kv_option = share_kv  # None: share whenever the geometry allows
+        # Draft steps through a torch.compile'd block (Transformer.compile_decode; CPU only, opt-in: the
+        # first draft steps of each batch-size class (1, >1) compile for a few seconds).
+        self.compile_drafter = compile_drafter
+        self.compile_s = 0.0  # last drafter swap's compile warm-up (compile_drafter)
         self.share_kv = False
         self.step_index = 0
         self.policy_version = 0
@@ -168,6 +175,11 @@ class TorchEngine:
             self.drafter, self.dcache = None, None
             return
         self.check_drafter(drafter)
+        if self.compile_drafter and drafter.device.type != "cpu":
+            raise ValueError(f"compile_drafter is implemented (and measured) for CPU drafters only; "
+                             f"this drafter is on {drafter.device}")
+        if drafter is not self.model:  # the target's own forward always stays eager
+            drafter.compile_decode = self.compile_drafter
         t, d = self.model.cfg, drafter.cfg
         shareable = ((d.num_layers, d.num_kv_heads, d.head_dim) == (t.num_layers, t.num_kv_heads, t.head_dim)
                      and drafter.dtype == self.model.dtype and drafter.device == self.model.device)
@@ -178,18 +190,45 @@ class TorchEngine:
         self.share_kv = shareable if self.share_kv_option is None else bool(self.share_kv_option)
         if self.share_kv:
             self.drafter, self.dcache = drafter, None
+        else:
+            same_shape = (
+                self.dcache is not None
+                and self.drafter is not None
+                and (drafter.cfg.num_layers, drafter.cfg.num_kv_heads, drafter.cfg.head_dim)
+                == (self.drafter.cfg.num_layers, self.drafter.cfg.num_kv_heads, self.drafter.cfg.head_dim)
+            )
+            if not same_shape:
+                self.dcache = KVCache(drafter.cfg, self.max_batch, self.capacity, drafter.dtype, drafter.device)
+            self.drafter = drafter
+            for r in self.active:
+                r.d_len = 0
+        if drafter.compile_decode:
+            self._compile_drafter_now()
+
+    @torch.no_grad()
+    def _compile_drafter_now(self) -> None:
+        """Run the drafter's decode graphs once (batch 1 and, if it can occur, batch 2) so that compiling
+        happens here, timed as ``compile_s``, not inside the first speculative steps (where it would also
+        mislead the controller's step-time estimates). Cheap once compiled: graphs outlive drafters.
+
+        The forwards write K/V at position ``capacity - 2`` of the first slots, past every row's valid
+        data (``t_len <= max_seq_len - 1 < capacity - 2`` for ``kmax >= 1``), where nothing is read
+        before it is rewritten. Sizes are picked to differ from every other size the graph sees
+        (``span = capacity - 1``; a batch size other than the head counts, head dim, layer and slot
+        counts, which the cache tensor and its base carry):
+        dynamo's duck sizing would otherwise tie them together, and the next batch size would recompile.
+        """
+        if self.kmax < 1:
             return
-        same_shape = (
-            self.dcache is not None
-            and self.drafter is not None
-            and (drafter.cfg.num_layers, drafter.cfg.num_kv_heads, drafter.cfg.head_dim)
-            == (self.drafter.cfg.num_layers, self.drafter.cfg.num_kv_heads, self.drafter.cfg.head_dim)
-        )
-        if not same_shape:
-            self.dcache = KVCache(drafter.cfg, self.max_batch, self.capacity, drafter.dtype, drafter.device)
-        self.drafter = drafter
-        for r in self.active:
-            r.d_len = 0
+        t0 = time.perf_counter()
+        d, cache = self.drafter.cfg, self.cache if self.share_kv else self.dcache
+        p = self.capacity - 2
+        taken = {d.num_kv_heads, d.num_heads, d.head_dim, d.hidden_size, d.num_layers, self.max_batch, p, p + 1, p + 2}
+        batches = [1] + [next((b for b in range(2, self.max_batch + 1) if b not in taken), self.max_batch)]
+        for b in sorted(set(batches)):
+            tok = torch.zeros(b, 1, dtype=torch.long, device=self.drafter.device)
+            self.drafter(tok, torch.full((b,), p, device=tok.device), cache, [p] * b)
+        self.compile_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ requests
     def validate_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
