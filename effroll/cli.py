@@ -186,6 +186,10 @@ def _stderr_console():
 
 
 # ----------------------------------------------------------------------------- drafter-report
+_COMPILE_HELP = ("Run the drafter's decode steps through torch.compile'd layer chunks (CPU; LLM(compile_drafter=True)): "
+                 "a faster drafter step after a one-off compile of tens of seconds.")
+
+
 @main.command(name="drafter-report")
 @click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
 @click.option("--recipe", "recipes", multiple=True, required=True, help="Recipe name or TOML path (repeatable).")
@@ -358,10 +362,11 @@ def _parse_ints(text: str, flag: str, lo: int = 1, hi: int = 4096) -> list[int]:
 @click.option("--rounds", type=click.IntRange(1), default=3, show_default=True, help="Measurements per point.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--compile-drafter", "compile_drafter", is_flag=True, help=_COMPILE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as one JSON object.")
 @_user_errors
 def tune_cmd(model_path, recipe, out, plot, budget_s, batch_sizes, context_lens, k_text, holdout, rounds, seed,
-             dtype, as_json) -> None:
+             dtype, compile_drafter, as_json) -> None:
     """Sweep B x K x L on this machine, fit the step-time model, write a controller profile."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -382,7 +387,7 @@ def tune_cmd(model_path, recipe, out, plot, budget_s, batch_sizes, context_lens,
                   TimeElapsedColumn(), console=_stderr_console(), transient=True) as prog:
         task = prog.add_task("tune", total=len(grid.batch_sizes) * len(grid.context_lens))
         profile, report = tune(model, drafter, recipe=rec.name, grid=grid, tokenizer=load_tokenizer(model_path),
-                               budget_s=budget_s, seed=seed, plot_path=plot,
+                               budget_s=budget_s, seed=seed, plot_path=plot, compile_drafter=compile_drafter,
                                progress=lambda d, n, tot: prog.update(task, completed=n, description=f"tune {d}"))
     path = save_profile(profile, out)
     h, t = report["heldout"], report["toggle"]
@@ -428,16 +433,17 @@ def tune_cmd(model_path, recipe, out, plot, budget_s, batch_sizes, context_lens,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--audit", is_flag=True, help="Run the online lossless audit (default rates) in the speculative modes.")
+@click.option("--compile-drafter", "compile_drafter", is_flag=True, help=_COMPILE_HELP)
 @_user_errors
 def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batch, k_text, repeats, temperature,
-              profile, seed, plot, as_json, dtype, audit) -> None:
+              profile, seed, plot, as_json, dtype, audit, compile_drafter) -> None:
     """Long-tail rollout: AR vs static-K speculation vs adaptive, side by side."""
     from .bench import bench, make_workload, plot_timeline
     from .rollout import LLM, resolve_profile
 
     ks = _parse_ints(k_text, "--k", hi=16)
     llm = LLM(model_path, recipe=recipe, max_batch=max_batch, kmax=max(8, max(ks)), dtype=dtype,
-              max_seq_len=None)
+              max_seq_len=None, compile_drafter=compile_drafter)
     profile, _ = resolve_profile(None if profile == "none" else profile, llm.model)
     wl = make_workload(llm, n=n_prompts, cap=max_tokens, temperature=temperature, seed=seed, median=median_tokens)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -449,6 +455,8 @@ def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batc
                     profile=profile, audit=audit)
     records = res.pop("_records")
     res["workload"]["profile"] = profile
+    res["workload"]["drafter_compiled"] = compile_drafter
+    res["workload"]["compile_s"] = llm.engine.compile_s
     if plot:
         plot_timeline(records, plot, title=f"{Path(model_path).name}: {n_prompts} requests, cap {max_tokens}")
     if as_json:

@@ -107,7 +107,8 @@ def _prompt(tokenizer, vocab: int, length: int, seed: int) -> list[int]:
 
 
 def sweep(model: Transformer, drafter: Transformer, grid: Grid, *, tokenizer=None, budget_s: float = 300.0,
-          temperature: float = 1.0, seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> Sweep:
+          temperature: float = 1.0, seed: int = 0, progress: Callable[[str, int, int], None] | None = None,
+          compile_drafter: bool = False) -> Sweep:
     """Measure AR and SD steps on every (B, L) cell of ``grid`` (see module docstring).
 
     Cells run in order of increasing cost; when ``budget_s`` is spent the remaining cells are
@@ -127,7 +128,8 @@ def sweep(model: Transformer, drafter: Transformer, grid: Grid, *, tokenizer=Non
         if progress:
             progress(f"B={B} L={L}", n, len(cells))
         new_tokens = (grid.rounds + 1) * sum(k + 1 for k in per_round) + kmax + 2
-        eng = TorchEngine(model, drafter, max_batch=B, max_seq_len=L + new_tokens, kmax=kmax)
+        eng = TorchEngine(model, drafter, max_batch=B, max_seq_len=L + new_tokens, kmax=kmax,
+                          compile_drafter=compile_drafter)
         for i in range(B):
             eng.add_request(_prompt(tokenizer, model.cfg.vocab_size, L, seed * 1000 + i),
                             SamplingParams(temperature=temperature, max_tokens=new_tokens, ignore_eos=True,
@@ -282,11 +284,14 @@ def plot(cm: CostModel, sw: Sweep, a: float, toggle: dict, path: str, title: str
 def tune(model: Transformer, drafter: Transformer, *, recipe: str, grid: Grid | None = None, tokenizer=None,
          budget_s: float = 300.0, temperature: float = 1.0, seed: int = 0, model_name: str | None = None,
          margin: float = 0.05, plot_path: str | None = None,
-         progress: Callable[[str, int, int], None] | None = None) -> tuple[dict, dict]:
-    """Sweep, fit, evaluate on held-out batch sizes, refit on everything; return (profile, report)."""
+         progress: Callable[[str, int, int], None] | None = None, compile_drafter: bool = False) -> tuple[dict, dict]:
+    """Sweep, fit, evaluate on held-out batch sizes, refit on everything; return (profile, report).
+
+    ``compile_drafter``: time the drafter as ``LLM(compile_drafter=True)`` runs it (a profile is only
+    right for the drafter configuration it was measured with; the profile's ``fit`` records which)."""
     grid = grid or Grid()
     sw = sweep(model, drafter, grid, tokenizer=tokenizer, budget_s=budget_s, temperature=temperature, seed=seed,
-               progress=progress)
+               progress=progress, compile_drafter=compile_drafter)
     measured_b = sorted({c[0] for c in sw.cell_of})
     holdout = [b for b in grid.holdout if b in measured_b]
     if len(set(measured_b) - set(holdout)) < 2:
@@ -305,6 +310,7 @@ def tune(model: Transformer, drafter: Transformer, *, recipe: str, grid: Grid | 
                "n_points": heldout_eval["n_points"], "train_mape": train_eval["mape"],
                "train_sign_accuracy": train_eval["sign_accuracy"], "acceptance": a,
                "sweep_seconds": sw.seconds, "n_steps": len(sw.records), "skipped_cells": [list(c) for c in sw.skipped],
+               "drafter_compiled": compile_drafter,
                "grid": {"batch_sizes": list(grid.batch_sizes), "context_lens": list(grid.context_lens),
                         "ks": list(grid.ks), "rounds": grid.rounds}}
     hw = runtime_hardware(model)

@@ -53,3 +53,19 @@ def test_drafter_report_json_with_rollout_calibration(tmp_path):
                 "target_step_s"} <= set(r) and 0 < r["acceptance"] <= 1
         assert r["calibration"] == "rollouts of 4 other prompts"
     assert rows[1]["calib_s"] > 0  # GPTQ collected its Hessians on those rollouts
+
+
+def test_bench_and_drafter_report_with_compiled_drafter(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "m", vocab=128)
+    res = CliRunner().invoke(main, ["bench", "--model", str(ckpt), "--recipe", "rtn-sym-g32", "--prompts", "4",
+                                    "--max-tokens", "16", "--max-batch", "3", "--k", "2", "--json", "--dtype", "fp32",
+                                    "--compile-drafter"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["workload"]["drafter_compiled"] is True and out["workload"]["compile_s"] > 0
+    assert out["sd_k2"]["tokens"] == out["ar"]["tokens"] and 0 <= out["sd_k2"]["acceptance"] <= 1
+    res = CliRunner().invoke(main, ["drafter-report", "--model", str(ckpt), "--recipe", "rtn-sym-g32", "--prompts",
+                                    "2", "--tokens", "8", "--compile-drafter", "--json"])
+    assert res.exit_code == 0, res.output
+    row = json.loads([line for line in res.output.splitlines() if line.startswith("{")][0])
+    assert row["compiled"] is True and row["drafter_step_s"] > 0 and row["drafter_step_s_eager"] > 0

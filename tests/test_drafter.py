@@ -368,6 +368,17 @@ def test_drafter_report_keys():
               "drafter_step_s_run4", "target_step_s_run4"):
         assert rep[k] > 0, k
     assert 0 < rep["acceptance"] <= 1 and rep["drafter_bytes"] < rep["target_bytes"]
+    assert rep["compiled"] is False and "compile_s" not in rep
+
+
+def test_drafter_report_compiled_times_compiled_and_eager_drafter():
+    target = tiny_model(tiny_cfg(), seed=3)
+    plain = drafter_report(target, "rtn-sym-g32", PROMPTS, n_tokens=8, step_context=8, step_iters=2)
+    rep = drafter_report(target, "rtn-sym-g32", PROMPTS, n_tokens=8, step_context=8, step_iters=2, compile=True)
+    assert rep["compiled"] is True and rep["compile_s"] > 0
+    for k in ("drafter_step_s_eager", "step_speedup_eager", "drafter_step_s_run4_eager", "step_speedup_run4_eager"):
+        assert rep[k] > 0, k
+    assert rep["acceptance"] == plain["acceptance"]  # scored by the same eager teacher-forced pass
 
 
 def test_derive_from_state_dicts_and_checkpoint_dir(tmp_path):

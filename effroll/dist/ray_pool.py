@@ -202,7 +202,7 @@ class _TorchWorker(_Worker):
         return st
 
 
-VLLM_UNSUPPORTED = ("trace", "audit", "controller_kwargs")  # per-step hooks of effroll's own engine
+VLLM_UNSUPPORTED = ("trace", "audit", "controller_kwargs", "compile_drafter")  # options of effroll's own engine
 VLLM_IGNORED = ("policy", "watchdog", "device", "score_drafter")  # vLLM's scheduler runs the schedule; vLLM picks its platform
 
 
