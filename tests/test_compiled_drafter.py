@@ -112,3 +112,10 @@ def test_bad_compile_option_is_refused():
     target = random_model(cfg, seed=17)
     with pytest.raises(TypeError, match="compile_drafter must be a bool, got 'yes'"):
         TorchEngine(target, random_model(cfg, seed=18), compile_drafter="yes")
+
+
+def test_the_target_is_never_compiled_even_as_its_own_drafter():
+    cfg = tiny_config(vocab=20, layers=1)
+    target = random_model(cfg, seed=19)
+    eng = TorchEngine(target, target, compile_drafter=True)
+    assert not target.compile_decode and eng.compile_s == 0.0

@@ -303,9 +303,10 @@ class Transformer(nn.Module):
 
     ``compile_decode = True`` runs single-token forwards (T = 1: decode and draft steps) through
     ``torch.compile``d chunks of ``COMPILE_CHUNK`` layers (CPU; the engine's ``compile_drafter``).
-    Inductor fuses the blocks' glue (norms, RoPE, cache writes, residuals, SiLU) into C++ loops. Numerically it
-    is a different (equally valid) forward, which is why the engine offers it for drafters only:
-    any draft distribution is lossless, and the target's logprobs stay those of the eager forward.
+    Inductor fuses the blocks' glue (norms, RoPE, cache writes, residuals, SiLU) into C++ loops.
+    Numerically it is a different (equally valid) forward, which is why the engine offers it for
+    drafters only: any draft distribution is lossless, and the target's logprobs stay those of the
+    eager forward. A TorchEngine sets the flag on each drafter it adopts, from its option.
     """
 
     compile_decode: bool = False
