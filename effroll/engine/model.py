@@ -390,7 +390,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         if self.compile_decode and T == 1:
             n = len(self.layers)
-            c = -(-n // -(-n // COMPILE_CHUNK))  # equal chunks of at most COMPILE_CHUNK layers: one graph
+            c = math.ceil(n / math.ceil(n / COMPILE_CHUNK))  # equal chunks of <= COMPILE_CHUNK layers: one graph
             if self._compile_key is None:  # partitions dynamo's caches only (guards keep every graph correct)
                 self._compile_key = repr(self.layers[0])  # names every submodule with its shapes
             layers, key = tuple(self.layers), self._compile_key

@@ -144,8 +144,8 @@ class TorchEngine:
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)
         self.share_kv_option = share_kv  # None: share whenever the geometry allows
-        # Draft steps through a torch.compile'd block (Transformer.compile_decode; CPU only, opt-in: the
-        # first draft steps of each batch-size class (1, >1) compile for a few seconds).
+        # Draft steps through torch.compile'd layer chunks (Transformer.compile_decode; CPU only, opt-in:
+        # set_drafter compiles the batch-1 and batch>1 graphs once per process, tens of seconds).
         self.compile_drafter = compile_drafter
         self.compile_s = 0.0  # last drafter swap's compile warm-up (compile_drafter)
         self.share_kv = False
@@ -207,7 +207,7 @@ class TorchEngine:
 
     @torch.no_grad()
     def _compile_drafter_now(self) -> None:
-        """Run the drafter's decode graphs once (batch 1 and, if it can occur, batch 2) so that compiling
+        """Run the drafter's decode graphs once (batch 1 and, if it can occur, one batch > 1) so that compiling
         happens here, timed as ``compile_s``, not inside the first speculative steps (where it would also
         mislead the controller's step-time estimates). Cheap once compiled: graphs outlive drafters.
 
@@ -215,8 +215,8 @@ class TorchEngine:
         data (``t_len <= max_seq_len - 1 < capacity - 2`` for ``kmax >= 1``), where nothing is read
         before it is rewritten. Sizes are picked to differ from every other size the graph sees
         (``span = capacity - 1``; a batch size other than the head counts, head dim, layer and slot
-        counts, which the cache tensor and its base carry):
-        dynamo's duck sizing would otherwise tie them together, and the next batch size would recompile.
+        counts, which the cache tensor and its base carry): dynamo's duck sizing would otherwise tie
+        them together, and the next batch size would recompile.
         """
         if self.kmax < 1:
             return
