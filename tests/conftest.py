@@ -8,6 +8,22 @@ import torch
 from effroll.engine.model import ModelConfig, Transformer
 
 
+def _cxx_reason() -> str | None:
+    """Why torch.compile cannot build CPU kernels here (None: it can)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means no usable compiler
+        return f"no C++ compiler for torch.compile ({type(e).__name__}: {e})"
+
+
+NO_CXX = _cxx_reason()
+# compile_drafter tests: without a compiler the engine warns and drafts eagerly (tested with a stand-in failure)
+needs_cxx = pytest.mark.skipif(NO_CXX is not None, reason=NO_CXX or "")
+
+
 def tiny_config(vocab: int = 8, layers: int = 2, eos: tuple[int, ...] = (), **kw) -> ModelConfig:
     base = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=layers, num_heads=4,
                 num_kv_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=eos, rope_theta=10000.0)

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from effroll.bench import long_tail_lengths
 from effroll.cli import main
 
+from conftest import needs_cxx
 from test_cli_generate import save_tiny_checkpoint
 
 
@@ -55,6 +56,7 @@ def test_drafter_report_json_with_rollout_calibration(tmp_path):
     assert rows[1]["calib_s"] > 0  # GPTQ collected its Hessians on those rollouts
 
 
+@needs_cxx
 def test_bench_and_drafter_report_with_compiled_drafter(tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "m", vocab=128)
     res = CliRunner().invoke(main, ["bench", "--model", str(ckpt), "--recipe", "rtn-sym-g32", "--prompts", "4",

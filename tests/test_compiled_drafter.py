@@ -21,7 +21,7 @@ from effroll.engine.records import Plan
 from effroll.engine.sampling import SamplingParams
 from effroll.engine.torch_engine import TorchEngine
 
-from conftest import random_model, tiny_config
+from conftest import needs_cxx, random_model, tiny_config
 
 PROMPTS = [[1, 2, 3], [4, 5], [6] * 9, [7, 8, 9, 10], [11]]
 
@@ -48,6 +48,7 @@ def decode_steps(model, compiled: bool, batch: int, steps: int = 3):
     return torch.cat(hs, 1), cache
 
 
+@needs_cxx
 @torch.no_grad()
 @pytest.mark.parametrize("batch", [1, 3])
 def test_compiled_decode_matches_eager_float32(batch):
@@ -60,6 +61,7 @@ def test_compiled_decode_matches_eager_float32(batch):
     torch.testing.assert_close(c_c.v_all, c_e.v_all, rtol=1e-4, atol=1e-4)
 
 
+@needs_cxx
 @torch.no_grad()
 def test_compiled_int4_drafter_matches_eager_bf16():
     target = random_model(tiny_config(vocab=64, layers=2, hidden_size=128, intermediate_size=256, num_heads=4,
@@ -73,6 +75,7 @@ def test_compiled_int4_drafter_matches_eager_bf16():
     assert (p_e - p_c).abs().sum(-1).max().item() / 2 < 0.02
 
 
+@needs_cxx
 @torch.no_grad()
 def test_graphs_are_reused_across_drafters_and_batch_sizes():
     cfg = tiny_config(vocab=40, layers=2, num_heads=4, num_kv_heads=4, head_dim=8)

@@ -19,6 +19,8 @@ from effroll.drafter.sampling import sample_continuations
 from effroll.engine.kv_cache import KVCache, full_logits
 from effroll.engine.model import ModelConfig, Transformer
 
+from conftest import needs_cxx
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -371,6 +373,7 @@ def test_drafter_report_keys():
     assert rep["compiled"] is False and "compile_s" not in rep
 
 
+@needs_cxx
 def test_drafter_report_compiled_times_compiled_and_eager_drafter():
     target = tiny_model(tiny_cfg(), seed=3)
     plain = drafter_report(target, "rtn-sym-g32", PROMPTS, n_tokens=8, step_context=8, step_iters=2)

@@ -23,6 +23,8 @@ from effroll.engine.records import Plan
 from effroll.engine.sampling import SamplingParams, process_logits
 from effroll.engine.torch_engine import TorchEngine
 
+from conftest import NO_CXX
+
 N_SAMPLES = 20_000
 DEPTH = 3
 PROMPT = [5, 2, 7]
@@ -137,6 +139,8 @@ def test_speculative_matches_exact_distribution(tiny_pair, name, params, plan):
     exact = exact_distribution(target, PROMPT, params, DEPTH, eos={0})
     assert abs(sum(exact.values()) - 1) < 1e-6
     compiled = name.endswith("-compiled")
+    if compiled and NO_CXX:
+        pytest.skip(NO_CXX)
     if compiled:
         drafter = copy.copy(drafter)  # same modules; the compile flag stays off the session fixture
     counts, acc = sample_engine(target, drafter, params, plan, share_kv="-owncache" not in name,

@@ -13,7 +13,7 @@ from effroll.engine.records import Plan
 from effroll.engine.sampling import SamplingParams, process_logits, splitmix64, uniforms
 from effroll.engine.torch_engine import BatchInputError, TorchEngine
 
-from conftest import perturbed_copy, random_model, tiny_config
+from conftest import needs_cxx, perturbed_copy, random_model, tiny_config
 
 PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11], [2, 2], [40, 41, 42, 43], [90] * 12, [7, 8]]
 
@@ -82,6 +82,7 @@ def test_logprobs_equal_fresh_full_forward(small_pair, plan, params, share_kv):
         assert err <= 1e-4, f"logprob mismatch {err:.2e}"
 
 
+@needs_cxx
 @pytest.mark.parametrize("plan", ["k3", "mixed", "toggled"])
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_tokens=30, seed=1),
                                     SamplingParams(temperature=0, max_tokens=30)], ids=["t1", "greedy"])
