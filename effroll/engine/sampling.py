@@ -52,11 +52,15 @@ class SamplingParams:
             raise TypeError(f"max_tokens must be an int, got {m!r}")
         if m < 1:
             raise ValueError(f"max_tokens must be >= 1, got {m!r}")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
+            raise TypeError(f"stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}")
         for s in self.stop_token_ids:
             if isinstance(s, bool) or not isinstance(s, int) or not (0 <= s < vocab_size):
                 raise ValueError(f"stop token id {s!r} is not in [0, {vocab_size})")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
@@ -187,6 +191,15 @@ def splitmix64(z: torch.Tensor) -> torch.Tensor:
     z = (z ^ _lshr(z, 30)) * _M1
     z = (z ^ _lshr(z, 27)) * _M2
     return z ^ _lshr(z, 31)
+
+
+def stream_seed(seed: int) -> int:
+    """A request seed as the int64 its stream uses: ``seed`` modulo 2**64, read as two's complement.
+
+    The one rule for every seed that reaches the engine (any Python int is a valid seed): seeds in
+    int64 range are unchanged, and seeds that differ modulo 2**64 share a stream.
+    """
+    return (int(seed) + 2**63) % 2**64 - 2**63
 
 
 def uniforms(seeds: torch.Tensor, counters: torch.Tensor, n: int) -> torch.Tensor:
