@@ -18,7 +18,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -53,16 +53,20 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not p.is_dir():
         raise ValueError(f"model path {str(path)!r} is not a directory (expected an HF checkpoint directory)")
     cfg = p / "config.json"
-    if not cfg.exists():
+    if not cfg.is_file():
         raise ValueError(f"model path {str(path)!r} has no config.json")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+        obj = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{cfg} must hold a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint directory, HF names."""
+    """All tensors of an HF checkpoint directory, HF names. A file that cannot be read (truncated,
+    empty, not a checkpoint) is a ValueError naming it."""
     p = Path(path)
     files = sorted(glob.glob(str(p / "*.safetensors")))
     sd: dict[str, torch.Tensor] = {}
@@ -70,18 +74,63 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         for f in files:
-            sd.update(load_file(f))
+            try:
+                sd.update(load_file(f))
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise ValueError(f"cannot read weights file {f}: {_first_line(e)} (truncated or not safetensors?)") from None
         return sd
     bins = sorted(glob.glob(str(p / "pytorch_model*.bin")))
     if not bins:
         raise ValueError(f"model path {str(path)!r} has no *.safetensors or pytorch_model*.bin weights")
     for f in bins:
-        sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        try:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:  # noqa: BLE001 - pickle/zip errors of a damaged file
+            raise ValueError(f"cannot read weights file {f}: {_first_line(e)}") from None
     return sd
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device this torch can use (None: CUDA if available, else CPU), or a ValueError."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({_first_line(e)}); use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported: effroll runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def policy_state(weights: Any, target: Transformer) -> dict[str, torch.Tensor]:
+    """New policy weights as an internal-name state dict: a Transformer, an HF- or internal-name state
+    dict, an object with ``state_dict()`` (e.g. the trainer's HF model) or an HF checkpoint directory.
+    HF names are converted (every key must map onto the target); check the result with ``check_state``."""
+    if isinstance(weights, Transformer):
+        return dict(weights.state_dict())
+    if isinstance(weights, (str, Path)):
+        weights = read_state_dict(weights)
+    if hasattr(weights, "state_dict") and not isinstance(weights, Mapping):
+        weights = weights.state_dict()
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"update_policy expects a state dict, a checkpoint path or a model, got {type(weights).__name__}")
+    if any(str(k).startswith(("model.", "module.model.")) for k in weights):
+        return convert_hf_state_dict(target.cfg, weights)
+    return dict(weights)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "bf16", device: str | torch.device | None = None) -> Transformer:
@@ -90,17 +139,22 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bf16", device: str 
     cfg = ModelConfig.from_hf(hf)
     gen = Path(path) / "generation_config.json"
     if gen.exists() and not cfg.eos_token_ids:
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{gen} is not a valid JSON object: {e}") from None
         if eos is not None:
             cfg.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
+    dt = _dtype(dtype)
+    sd = convert_hf_state_dict(cfg, read_state_dict(path))  # read before allocating: a bad file fails fast
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=dev).to(_dtype(dtype))
+    model = model.to_empty(device=dev).to(dt)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(cfg)[0].to(dev)  # meta buffers carry no values
-    load_state(model, convert_hf_state_dict(cfg, read_state_dict(path)))
+    load_state(model, sd)
     model.name = Path(path).name
     model.source_path = str(path)
     return model.eval().requires_grad_(False)

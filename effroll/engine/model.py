@@ -52,7 +52,19 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
-        """Build from an HF ``config.json`` dict (or a transformers config's ``to_dict()``)."""
+        """Build from an HF ``config.json`` dict (or a transformers config's ``to_dict()``); a missing
+        or malformed entry is a ValueError naming it."""
+        if not isinstance(hf, Mapping):
+            raise ValueError(f"a model config must be a JSON object, got {type(hf).__name__}")
+        try:
+            return cls._from_hf(hf)
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the required key {e.args[0]!r}") from None
+        except TypeError as e:
+            raise ValueError(f"config.json has a malformed entry: {e}") from None
+
+    @classmethod
+    def _from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
         mt = hf.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -134,6 +146,23 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 _MKLDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+_PACKED_BF16: bool | None = None
+
+
+def packed_bf16_ok() -> bool:
+    """Whether oneDNN's pre-packed bf16 linear runs on this CPU (probed once: it needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT, and raises on e.g. an AVX2-only EPYC)."""
+    global _PACKED_BF16
+    if _PACKED_BF16 is None:
+        _PACKED_BF16 = False
+        if _MKLDNN_LINEAR:
+            try:
+                w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+                torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 16, dtype=torch.bfloat16), w, None, "none", [], "")
+                _PACKED_BF16 = True
+            except RuntimeError:
+                pass
+    return _PACKED_BF16
 
 
 class Linear(nn.Linear):
@@ -150,7 +179,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if not (_MKLDNN_LINEAR and w.dtype == torch.bfloat16 and w.device.type == "cpu" and x.dtype == w.dtype):
+        if not (w.dtype == torch.bfloat16 and w.device.type == "cpu" and x.dtype == w.dtype and packed_bf16_ok()):
             return F.linear(x, w, self.bias)
         key = (id(w), w._version, w.data_ptr())
         if self._packed_key != key:
@@ -471,10 +500,12 @@ def convert_hf_state_dict(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> d
     """
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
 
     def get(name: str) -> torch.Tensor:
         if name not in sd:
             raise ValueError(f"policy weights are missing key {name!r}")
+        used.add(name)
         return sd[name]
 
     out["embed.weight"] = get("model.embed_tokens.weight")
@@ -495,28 +526,60 @@ def convert_hf_state_dict(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> d
             if "_norm" in hf_name and "layernorm" not in hf_name and not cfg.qk_norm:
                 continue
             out[q + ours] = get(p + hf_name)
+    # Every key must be used: a deeper model or a renamed tensor would otherwise be dropped in silence.
+    # Derived buffers (HF's rotary inv_freq) and a tied head's second name carry no weights of their own.
+    extra = [k for k in sd if k not in used and not k.endswith("rotary_emb.inv_freq")
+             and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if extra:
+        layers = sorted({int(k.split(".")[2]) for k in extra if k.startswith("model.layers.") and k.split(".")[2].isdigit()})
+        hint = (f" (layers {layers[0]}..{layers[-1]}: the target has {cfg.num_layers} layers)" if layers else "")
+        raise ValueError(f"policy weights hold key {extra[0]!r} that the target does not have{hint} "
+                         f"({len(extra)} unexpected)")
     return out
 
 
-def load_state(model: Transformer, sd: Mapping[str, torch.Tensor], check_finite: bool = True) -> None:
-    """Copy an internal-name state dict into ``model`` in place, validating names, shapes and values.
-
-    Everything is validated before anything is copied, so a bad state dict leaves ``model`` untouched.
-    """
+def check_state(model: Transformer, sd: Mapping[str, torch.Tensor], check_finite: bool = True) -> dict[str, nn.Parameter]:
+    """Check an internal-name state dict against ``model``'s architecture as a whole: exactly its keys
+    (a tied head may be given or left out), every shape, a floating-point dtype, finite values. Raises
+    ValueError/TypeError naming the first offending key; returns ``model``'s parameters by name."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    if model.cfg.tie_word_embeddings:
-        params.pop("lm_head.weight", None)
-    missing = [k for k in params if k not in sd]
+    optional = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
+    missing = [k for k in params if k not in sd and k not in optional]
     if missing:
         raise ValueError(f"policy weights are missing key {missing[0]!r} ({len(missing)} missing)")
+    extra = [k for k in sd if k not in params]
+    if extra:
+        layers = sorted({int(k.split(".")[1]) for k in extra if k.startswith("layers.") and k.split(".")[1].isdigit()})
+        hint = (f" (layers {layers[0]}..{layers[-1]}: the target has {model.cfg.num_layers} layers)" if layers else "")
+        raise ValueError(f"policy weights hold key {extra[0]!r} that the target does not have{hint} "
+                         f"({len(extra)} unexpected)")
     for k, t in params.items():
+        if k not in sd:
+            continue
         v = sd[k]
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"policy weight {k!r} must be a torch.Tensor, got {type(v).__name__}")
+        if not v.is_floating_point():
+            raise TypeError(f"policy weight {k!r} has dtype {v.dtype}; expected a floating-point tensor")
         if tuple(v.shape) != tuple(t.shape):
             raise ValueError(f"policy weight {k!r} has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
         if check_finite and not torch.isfinite(v).all():
             raise ValueError(f"policy weight {k!r} contains NaN or Inf")
+    if model.cfg.tie_word_embeddings:
+        params.pop("lm_head.weight", None)  # the embedding's own parameter object
+    return params
+
+
+def load_state(model: Transformer, sd: Mapping[str, torch.Tensor], check_finite: bool = True) -> None:
+    """Copy an internal-name state dict into ``model`` in place, after :func:`check_state`.
+
+    Everything is validated before anything is copied, so a bad state dict leaves ``model`` untouched.
+    """
+    copy_state(check_state(model, sd, check_finite), sd)
+
+
+def copy_state(params: Mapping[str, nn.Parameter], sd: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``sd`` into the parameters :func:`check_state` returned (in place; casts to their dtype)."""
     with torch.no_grad():
         for k, t in params.items():
             t.copy_(sd[k])
