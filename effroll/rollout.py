@@ -26,8 +26,12 @@ returns vLLM-shaped outputs (``.prompt_token_ids``, ``.outputs[i].token_ids / .l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import numbers
+import operator
+import threading
 import time
 import warnings
 from collections import Counter, deque
@@ -38,10 +42,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .audit import LosslessAuditError
-from .engine.model import Transformer, convert_hf_state_dict, load_state
+from .checkpoints import policy_state
+from .engine.model import Transformer, check_state, copy_state
 from .engine.records import BatchView, Plan, StepRecord
 from .engine.sampling import SamplingParams
-from .engine.torch_engine import TorchEngine
+from .engine.torch_engine import BatchInputError, TorchEngine
 
 MODES = ("ar", "sd", "adaptive")
 
@@ -53,6 +58,7 @@ class CompletionOutput:
     logprobs: list[float]
     finish_reason: str | None
     text: str | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
 
     @property
     def cumulative_logprob(self) -> float:
@@ -67,26 +73,78 @@ class GenerationOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
 
 
+# What a dict of sampling parameters may hold (anything else is a typo or a feature we do not have).
+SAMPLING_KEYS = ("n", "temperature", "top_k", "top_p", "max_tokens", "stop_token_ids", "ignore_eos", "seed")
+# vLLM SamplingParams attributes that would change the distribution: refused unless at their neutral value.
+_UNSUPPORTED = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
+                "min_tokens": 0, "logit_bias": None, "allowed_token_ids": None, "bad_words": None, "stop": None}
+
+
 def to_sampling_params(sp: Any, vocab_size: int) -> SamplingParams:
-    """Our SamplingParams from ours, None, a dict, or any object with vLLM SamplingParams attributes."""
+    """Our validated SamplingParams from ours, None, a dict, or any object with vLLM SamplingParams attributes.
+
+    Values are taken as given, never coerced: ``max_tokens=0`` or ``temperature="0.5"`` is an error naming
+    the value. vLLM's conventions hold: ``top_k`` -1 or None is off, ``max_tokens=None`` is 16.
+    """
     if sp is None:
         return SamplingParams()
     if isinstance(sp, SamplingParams):
+        sp.validate(vocab_size)
         return sp
-    get = sp.get if isinstance(sp, Mapping) else (lambda k, d=None: getattr(sp, k, d))
-    top_k = get("top_k", 0)
-    stop = get("stop_token_ids", None) or ()
+    if isinstance(sp, Mapping):
+        unknown = sorted(set(map(str, sp)) - set(SAMPLING_KEYS))
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {', '.join(map(repr, unknown))} (supported: "
+                             f"{', '.join(SAMPLING_KEYS)})")
+        get = sp.get
+    else:
+        get = lambda k, d=None: getattr(sp, k, d)  # noqa: E731
+        for name, neutral in _UNSUPPORTED.items():
+            v = get(name, neutral)
+            if not (v is None or v == neutral or (isinstance(v, (list, tuple, dict, set)) and not v)):
+                raise ValueError(f"sampling parameter {name}={v!r} is not supported by effroll's engine")
+    top_k, max_tokens, stop = get("top_k", 0), get("max_tokens", 16), get("stop_token_ids", None)
     out = SamplingParams(
-        temperature=float(get("temperature", 1.0)),
-        top_k=0 if top_k in (None, -1) else top_k,
-        top_p=float(get("top_p", 1.0)),
-        max_tokens=get("max_tokens", 16) or 16,
-        stop_token_ids=tuple(stop),
-        ignore_eos=bool(get("ignore_eos", False)),
-        seed=get("seed", None),
+        temperature=_number("temperature", get("temperature", 1.0)),
+        top_k=0 if top_k in (None, -1) else _integer("top_k", top_k),
+        top_p=_number("top_p", get("top_p", 1.0)),
+        max_tokens=16 if max_tokens is None else _integer("max_tokens", max_tokens),
+        stop_token_ids=() if stop is None else tuple(_integer("stop token id", t) for t in _sequence("stop_token_ids", stop)),
+        ignore_eos=get("ignore_eos", False),
+        seed=None if get("seed", None) is None else _integer("seed", get("seed")),
     )
     out.validate(vocab_size)
     return out
+
+
+def samples_per_request(sp: Any) -> int:
+    """``n`` of a sampling-params object or dict (default 1); an int >= 1 or a ValueError/TypeError."""
+    n = getattr(sp, "n", None) if not isinstance(sp, Mapping) else sp.get("n", None)
+    n = 1 if n is None else _integer("n", n)
+    if n < 1:
+        raise ValueError(f"n (samples per request) must be >= 1, got {n!r}")
+    return n
+
+
+def _integer(name: str, v: Any) -> int:
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {v!r}") from None
+
+
+def _number(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    return float(v)
+
+
+def _sequence(name: str, v: Any) -> Sequence[Any]:
+    if isinstance(v, (str, bytes, Mapping)) or not hasattr(v, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {v!r}")
+    return list(v)
 
 
 def as_request_list(prompts: Any, sampling_params: Any) -> tuple[list[Any], list[Any]]:
@@ -99,23 +157,6 @@ def as_request_list(prompts: Any, sampling_params: Any) -> tuple[list[Any], list
     if len(sps) != len(prompts):
         raise ValueError(f"got {len(sps)} sampling params for {len(prompts)} prompts")
     return prompts, sps
-
-
-def _as_internal_state(weights: Any, target: Transformer) -> dict[str, torch.Tensor]:
-    """Accept a Transformer, an HF- or internal-name state dict, or an HF checkpoint directory."""
-    if isinstance(weights, Transformer):
-        return dict(weights.state_dict())
-    if isinstance(weights, (str, Path)):
-        from .checkpoints import read_state_dict
-
-        weights = read_state_dict(weights)
-    if hasattr(weights, "state_dict") and not isinstance(weights, Mapping):
-        weights = weights.state_dict()  # e.g. an HF model from the trainer
-    if not isinstance(weights, Mapping):
-        raise TypeError(f"update_policy expects a state dict, a checkpoint path or a model, got {type(weights).__name__}")
-    if any(k.startswith(("model.", "module.model.")) for k in weights):
-        return convert_hf_state_dict(target.cfg, weights)
-    return dict(weights)
 
 
 def pin_drafter(drafter: Transformer, target: Transformer) -> None:
@@ -174,6 +215,7 @@ class LLM:
                                   seed=seed, compile_drafter=compile_drafter)
         self.planner: Plan | Callable[[BatchView], Plan] = Plan(0)
         self.listeners: list[Callable[[StepRecord], None]] = []
+        self._session_lock = threading.RLock()  # one AdaptiveSpecRollout call at a time (see session)
         if recipe is not None and self._recipe_obj().method == "gptq":
             from .drafter.derive import hessian_kinds
             from .drafter.gptq import HessianCollector
@@ -217,25 +259,26 @@ class LLM:
         the caller explicitly approved it for this policy (``drafter.pinned_from`` keeps the version
         it was derived for). Sampling stays lossless; only acceptance can suffer.
         """
-        if self.engine.has_unfinished():
-            raise RuntimeError("update_policy called while requests are in flight; call it between rollouts")
-        t0 = time.perf_counter()
-        state = _as_internal_state(weights, self.model)
-        kept = self.engine.drafter if keep_drafter else None
-        if kept is not None:
-            pin_drafter(kept, self.model)
-            kept.pinned_from = getattr(kept, "pinned_from", kept.policy_version)
-        load_state(self.model, state)
-        self.version += 1
-        self.engine.policy_version = self.version
-        if kept is not None:
-            kept.policy_version = self.version
+        with self._session_lock, self.engine.lock:  # never between the generate calls of a rollout
+            if self.engine.has_unfinished():
+                raise RuntimeError("update_policy called while requests are in flight; call it between rollouts")
+            t0 = time.perf_counter()
+            state = policy_state(weights, self.model)
+            params = check_state(self.model, state)  # the whole architecture, before anything changes
+            kept = self.engine.drafter if keep_drafter else None
+            if kept is not None:
+                pin_drafter(kept, self.model)
+                kept.pinned_from = getattr(kept, "pinned_from", kept.policy_version)
+            copy_state(params, state)
+            self.version += 1
+            self.engine.policy_version = self.version
+            if kept is not None:
+                kept.policy_version = self.version
+            elif self.recipe is None:
+                self.engine.set_drafter(None)
+            else:
+                self._install_drafter()
             return time.perf_counter() - t0
-        if self.recipe is None:
-            self.engine.set_drafter(None)
-        else:
-            self._install_drafter()
-        return time.perf_counter() - t0
 
     def rederive_drafter(self) -> bool:
         """Derive the drafter again from the *current* policy weights (the watchdog's repair; safe between
@@ -258,27 +301,47 @@ class LLM:
         return True
 
     # ------------------------------------------------------------------ generation
-    def _prompt_ids(self, p: Any) -> tuple[str | None, list[int]]:
-        return prompt_ids(p, self.tokenizer)
-
     def _on_step(self, rec: StepRecord) -> None:
         for fn in self.listeners:
             fn(rec)
 
     def check_request(self, prompt: Any, sampling_params: Any = None) -> None:
         """Raise ValueError/TypeError naming the bad value if ``generate`` would reject this request."""
-        _, ids = self._prompt_ids(prompt)
-        self.engine.validate_prompt(ids)
-        to_sampling_params(sampling_params, self.model.cfg.vocab_size).validate(self.model.cfg.vocab_size)
+        samples_per_request(sampling_params)
+        self._parse(prompt)
+        to_sampling_params(sampling_params, self.model.cfg.vocab_size)
+
+    def _parse(self, prompt: Any) -> tuple[str | None, list[int]]:
+        text, ids = prompt_ids(prompt, self.tokenizer)
+        return text, self.engine.validate_prompt(ids)
+
+    @contextlib.contextmanager
+    def session(self, planner: Plan | Callable[[BatchView], Plan], listener: Callable[[StepRecord], None]):
+        """While the ``with`` block runs, ``generate`` plans with ``planner`` and reports each step to
+        ``listener`` (AdaptiveSpecRollout's call). Sessions from several threads run one after another."""
+        with self._session_lock:
+            saved = self.planner, self.listeners
+            self.planner, self.listeners = planner, [*self.listeners, listener]
+            try:
+                yield self
+            finally:
+                self.planner, self.listeners = saved
 
     def generate(self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = False) -> list[GenerationOutput]:
-        results, flat, params, owners = expand_requests(prompts, sampling_params, self._prompt_ids,
-                                                        self.model.cfg.vocab_size)
-        outs = self.engine.generate(flat, params, plan=self.planner, on_step=self._on_step)
+        """vLLM-style generation; outputs in the caller's order. Invalid requests do not stop the others:
+        after the valid ones finish, ``BatchInputError`` (a ValueError) names them and carries every output
+        in ``.outputs``. Calls from several threads run one after another."""
+        results, flat, params, owners, errors = expand_requests(prompts, sampling_params, self._parse,
+                                                                self.model.cfg.vocab_size)
+        with self.engine.lock:
+            outs = self.engine.generate(flat, params, plan=self.planner, on_step=self._on_step)
         for ids, sp, o in zip(flat, params, outs):  # kept to score the next drafter on (acceptance_estimate)
             if o.finish_reason in ("stop", "length") and o.token_ids:
                 self.recent.append((list(ids) + list(o.token_ids), len(ids), sp))
-        return fill_outputs(results, owners, outs, self.tokenizer)
+        fill_outputs(results, owners, outs, self.tokenizer)
+        if errors:
+            raise BatchInputError("; ".join(errors), results)
+        return results
 
     def acceptance_estimate(self, positions: int = 48, sequences: int = 2, max_len: int = 256) -> float | None:
         """The current drafter's first-position acceptance, teacher-forced on the latest finished requests
@@ -307,11 +370,13 @@ class LLM:
         return a
 
 
-def prompt_ids(p: Any, tokenizer: Any = None) -> tuple[str | None, list[int]]:
-    """A vLLM-style prompt (text, token ids, or a dict with ``prompt``/``prompt_token_ids``) -> (text, ids)."""
+def prompt_ids(p: Any, tokenizer: Any = None) -> tuple[str | None, list[Any]]:
+    """A vLLM-style prompt (text, token ids, or a dict with ``prompt``/``prompt_token_ids``) -> (text, ids).
+
+    Token ids may be any sequence of ints (list, tuple, 1-D numpy array or tensor); the engine checks them."""
     if isinstance(p, Mapping):
         if "prompt_token_ids" in p:
-            return p.get("prompt"), list(p["prompt_token_ids"])
+            return p.get("prompt"), _id_list(p["prompt_token_ids"])
         if "prompt" in p:
             p = p["prompt"]
         else:
@@ -320,37 +385,58 @@ def prompt_ids(p: Any, tokenizer: Any = None) -> tuple[str | None, list[int]]:
         if tokenizer is None:
             raise ValueError("text prompt given but the model has no tokenizer; pass token ids")
         return p, tokenizer.encode(p, add_special_tokens=False)
-    if isinstance(p, (list, tuple)):
-        return None, list(p)
-    raise TypeError(f"unsupported prompt type {type(p).__name__}")
+    return None, _id_list(p)
+
+
+def _id_list(ids: Any) -> list[Any]:
+    if hasattr(ids, "tolist") and getattr(ids, "ndim", 1) == 1:
+        return ids.tolist()
+    if isinstance(ids, (list, tuple)):
+        return list(ids)
+    raise TypeError(f"unsupported prompt type {type(ids).__name__} (text, a sequence of token ids, or a dict "
+                    "with 'prompt' / 'prompt_token_ids')")
 
 
 def expand_requests(prompts: Any, sampling_params: Any, parse: Callable[[Any], tuple[str | None, list[int]]],
-                    vocab_size: int) -> tuple[list[GenerationOutput], list[list[int]], list[SamplingParams], list]:
-    """vLLM-style ``generate`` inputs -> (one empty output per request, then its ``n`` samples flattened:
-    prompt ids, SamplingParams (sample j > 0 of a seeded request gets seed + j), (request, sample) owners)."""
+                    vocab_size: int) -> tuple[list[GenerationOutput], list[list[int]], list[SamplingParams], list,
+                                              list[str]]:
+    """vLLM-style ``generate`` inputs -> (one output per request, then the valid requests' ``n`` samples
+    flattened: prompt ids, SamplingParams, (request, sample) owners; and one message per invalid request).
+
+    ``parse(prompt)`` returns (text, checked token ids) or raises ValueError/TypeError. An invalid request's
+    output already holds its ``n`` (or one) completions with ``finish_reason="error"``; the others run.
+    Sample j of a request seeded ``s`` is seeded ``s + j`` (and reduced by the engine's one seed rule).
+    """
     prompts, sps = as_request_list(prompts, sampling_params)
-    flat, params, owners = [], [], []
+    flat, params, owners, errors = [], [], [], []
     results: list[GenerationOutput] = []
     for i, (p, sp) in enumerate(zip(prompts, sps)):
-        text, ids = parse(p)
-        n = int(getattr(sp, "n", None) or (sp.get("n", 1) if isinstance(sp, Mapping) else 1))
-        base = to_sampling_params(sp, vocab_size)
+        text, ids, n = None, [], 1
+        try:
+            n = samples_per_request(sp)
+            text, ids = parse(p)
+            base = to_sampling_params(sp, vocab_size)
+        except (ValueError, TypeError) as e:
+            errors.append(f"prompt {i}: {e}")
+            results.append(GenerationOutput(f"{i}", text, list(ids) if isinstance(ids, list) else [],
+                                            [CompletionOutput(j, [], [], "error", error=str(e)) for j in range(n)]))
+            continue
         results.append(GenerationOutput(f"{i}", text, ids))
         for j in range(n):
             s = base if base.seed is None or j == 0 else SamplingParams(**{**base.__dict__, "seed": base.seed + j})
             flat.append(ids)
             params.append(s)
             owners.append((i, j))
-    return results, flat, params, owners
+    return results, flat, params, owners, errors
 
 
 def fill_outputs(results: list[GenerationOutput], owners: list, outs: Sequence[Any],
                  tokenizer: Any) -> list[GenerationOutput]:
-    """Engine outputs (``token_ids``, ``logprobs``, ``finish_reason``) into the requests' completions."""
+    """Engine outputs (``token_ids``, ``logprobs``, ``finish_reason``, ``error``) into the requests' completions."""
     for (i, j), o in zip(owners, outs):
         text = tokenizer.decode(o.token_ids) if tokenizer is not None else None
-        results[i].outputs.append(CompletionOutput(j, o.token_ids, o.logprobs, o.finish_reason, text))
+        results[i].outputs.append(CompletionOutput(j, o.token_ids, o.logprobs, o.finish_reason, text,
+                                                   getattr(o, "error", None)))
     return results
 
 
@@ -575,10 +661,11 @@ class AdaptiveSpecRollout:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.pool is not None:  # the actors plan, check and record; the pool merges their telemetry
             return self.pool.run(self.rollout_fn or self.pool.generate, *args, **kwargs)
+        with self.llm.session(self._planner(), self._on_step):  # calls from several threads queue up here
+            return self._rollout(*args, **kwargs)
+
+    def _rollout(self, *args: Any, **kwargs: Any) -> Any:
         llm = self.llm
-        saved = (llm.planner, list(llm.listeners))
-        llm.planner = self._planner()
-        llm.listeners.append(self._on_step)
         self._records = []
         self._warned = set()
         if self.watchdog is not None:
@@ -607,7 +694,6 @@ class AdaptiveSpecRollout:
             result = fn(*args, **kwargs)
         finally:
             wall = time.perf_counter() - t0
-            llm.planner, llm.listeners = saved
             if self._trace is not None:
                 self._trace.close()
                 self._trace = None
