@@ -22,15 +22,15 @@ class UserError(click.ClickException):
 
 
 def _user_errors(fn):
-    """Turn ValueError/TypeError/FileNotFoundError from the library into one clear line, exit 2."""
+    """Turn ValueError/TypeError/OSError/RuntimeError from the library into one clear line, exit 2."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-            raise UserError(str(e)) from None
+        except (ValueError, TypeError, OSError, RuntimeError) as e:
+            raise UserError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
 
     return wrapper
 
@@ -62,8 +62,14 @@ def _read_prompts(path: str, tokenizer) -> list[list[int]]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"prompts file {path!r} does not exist")
+    if not p.is_file():
+        raise ValueError(f"prompts file {path!r} is not a file")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -91,6 +97,11 @@ def _read_prompts(path: str, tokenizer) -> list[list[int]]:
     return out
 
 
+def request_seed(seed: int, index: int) -> int:
+    """The seed of prompt ``index`` of a ``--seed`` run; its samples s get this + s (LLM.generate's rule)."""
+    return (seed * 1_000_003 + index) * 10_007
+
+
 @main.command()
 @click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
 @click.option("--prompts", required=True, type=click.Path(), help="JSONL: 'prompt' (text) or 'prompt_token_ids'.")
@@ -103,47 +114,55 @@ def _read_prompts(path: str, tokenizer) -> list[list[int]]:
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="1.0 = off.")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--n", "n", type=click.IntRange(1), default=1, show_default=True, help="Samples per prompt.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Prompt i is seeded (seed * 1000003 + i) * 10007, its sample s that + s (as LLM.generate seeds "
+                   "a request's samples), every seed reduced modulo 2**64.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
 @_user_errors
 def generate(model_path, prompts, out, drafter, mode, k, temperature, top_k, top_p, max_tokens, n, seed, max_batch,
              dtype, device) -> None:
-    """Generate completions with the embedded engine (AR or lossless speculative)."""
-    from .checkpoints import load_model, load_tokenizer
+    """Generate completions with the embedded engine (AR or lossless speculative). Exit 1 when no prompt is valid."""
+    from .checkpoints import resolve_device
     from .engine.records import Plan
     from .engine.sampling import SamplingParams
-    from .engine.torch_engine import TorchEngine
+    from .engine.torch_engine import BatchInputError
+    from .fileio import atomic_write, check_writable
+    from .rollout import LLM
 
     if mode == "sd" and drafter is None:
         raise ValueError("--mode sd needs --drafter (a checkpoint directory or int4:<recipe>)")
-    model = load_model(model_path, dtype=dtype, device=device)
-    tok = load_tokenizer(model_path)
-    prompt_ids = _read_prompts(prompts, tok)
-    d = _load_drafter(drafter, model, dtype, device) if drafter else None
-    eng = TorchEngine(model, d, max_batch=max_batch, kmax=max(k, 1))
-    reqs, params = [], []
-    for i, ids in enumerate(prompt_ids):
-        for s in range(n):
-            reqs.append((i, s, ids))
-            params.append(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens,
-                                         seed=(seed * 1_000_003 + i) * 10_007 + s))
-    for sp in params[:1]:
-        sp.validate(model.cfg.vocab_size)
-    plan = Plan(k if mode == "sd" else 0)
-    outs = _run_with_progress(eng, [r[2] for r in reqs], params, plan)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for (i, s, _), o in zip(reqs, outs):
-            line = {"prompt_index": i, "sample_index": s, **o.to_dict()}
-            line.pop("request_id", None)
-            if tok is not None:
-                line["text"] = tok.decode(o.token_ids)
-            f.write(json.dumps(line) + "\n")
-    n_err = sum(o.finish_reason == "error" for o in outs)
-    click.echo(f"wrote {len(outs)} samples to {out}" + (f" ({n_err} invalid, see their 'error')" if n_err else ""),
+    out_path = check_writable(out, "--out")  # before any work: a bad --out must not throw the run away
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens).validate(2**31)
+    llm = LLM(model_path, recipe=None, max_batch=max_batch, kmax=max(k, 1), dtype=dtype, device=resolve_device(device))
+    prompt_ids = _read_prompts(prompts, llm.tokenizer)
+    if drafter:
+        llm.engine.set_drafter(_load_drafter(drafter, llm.model, dtype, device))
+    params = [{"n": n, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_tokens": max_tokens,
+               "seed": request_seed(seed, i)} for i in range(len(prompt_ids))]
+    try:
+        results = _run_with_progress(llm, [{"prompt_token_ids": p} for p in prompt_ids], params,
+                                     Plan(k if mode == "sd" else 0), total=n * len(prompt_ids))
+    except BatchInputError as e:
+        click.echo(f"effroll: warning: {e}", err=True)
+        results = e.outputs
+    with atomic_write(out_path) as f:
+        for i, r in enumerate(results):
+            for c in r.outputs:
+                line = {"prompt_index": i, "sample_index": c.index, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                        "finish_reason": c.finish_reason}
+                if c.error:
+                    line["error"] = c.error
+                if llm.tokenizer is not None:
+                    line["text"] = c.text
+                f.write(json.dumps(line) + "\n")
+    comps = [c for r in results for c in r.outputs]
+    n_err = sum(c.finish_reason == "error" for c in comps)
+    click.echo(f"wrote {len(comps)} samples to {out}" + (f" ({n_err} failed, see their 'error')" if n_err else ""),
                err=True)
+    if n_err == len(comps):
+        sys.exit(1)
 
 
 def _load_drafter(spec: str, model, dtype, device):
@@ -157,14 +176,12 @@ def _load_drafter(spec: str, model, dtype, device):
     return load_model(spec, dtype=dtype, device=device)
 
 
-def _run_with_progress(eng, prompts, params, plan):
+def _run_with_progress(llm, prompts, params, plan, total):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .engine.torch_engine import BatchInputError
 
     with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
                   TimeElapsedColumn(), transient=True, console=_stderr_console()) as prog:
-        task = prog.add_task("gen", total=len(prompts), tps="")
+        task = prog.add_task("gen", total=total, tps="")
         state = {"tok": 0, "s": 0.0}
 
         def on_step(rec):
@@ -172,11 +189,8 @@ def _run_with_progress(eng, prompts, params, plan):
             state["s"] += rec.seconds + rec.prefill_s
             prog.update(task, advance=rec.finished, tps=f"{state['tok'] / max(state['s'], 1e-9):.1f} tok/s")
 
-        try:
-            return eng.generate(prompts, params, plan=plan, on_step=on_step)
-        except BatchInputError as e:
-            click.echo(f"effroll: warning: {e}", err=True)
-            return e.outputs
+        with llm.session(plan, on_step):
+            return llm.generate(prompts, params)
 
 
 def _stderr_console():
@@ -324,7 +338,7 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,
                   console=_stderr_console()) as prog:
         task = prog.add_task("verify", total=None)
-        res = run_verify(eut, prompts, samples=samples, positions=positions, seed=seed, logprob_tol=logprob_tol,
+        res = run_verify(eut, prompts, samples=samples, positions=positions, k=k, seed=seed, logprob_tol=logprob_tol,
                          progress=lambda m: prog.update(task, description=m))
     if as_json:
         click.echo(json.dumps(res))
@@ -380,8 +394,13 @@ def tune_cmd(model_path, recipe, out, plot, budget_s, batch_sizes, context_lens,
                 context_lens=tuple(_parse_ints(context_lens, "--context-lens")),
                 ks=tuple(_parse_ints(k_text, "--k", hi=16)), rounds=rounds,
                 holdout=None if holdout is None else tuple(_parse_ints(holdout, "--holdout")))
-    model = load_model(model_path, dtype=dtype)
+    from .fileio import check_writable
+
+    check_writable(out, "--out")  # before the sweep: minutes of measurements must have somewhere to go
+    if plot:
+        check_writable(plot, "--plot")
     rec = load_recipe(recipe)
+    model = load_model(model_path, dtype=dtype)
     drafter = derive_drafter(model.state_dict(), rec, target=model)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} cells"),
                   TimeElapsedColumn(), console=_stderr_console(), transient=True) as prog:
@@ -442,6 +461,10 @@ def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batc
     from .rollout import LLM, resolve_profile
 
     ks = _parse_ints(k_text, "--k", hi=16)
+    if plot:
+        from .fileio import check_writable
+
+        check_writable(plot, "--plot")
     llm = LLM(model_path, recipe=recipe, max_batch=max_batch, kmax=max(8, max(ks)), dtype=dtype,
               max_seq_len=None, compile_drafter=compile_drafter)
     profile, _ = resolve_profile(None if profile == "none" else profile, llm.model)

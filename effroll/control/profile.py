@@ -18,6 +18,7 @@ import os
 import platform
 from pathlib import Path
 
+from ..fileio import atomic_write
 from .cost_model import CostModel
 
 SCHEMA_VERSION = 1
@@ -99,7 +100,8 @@ def save_profile(profile: dict, path) -> Path:
     path = Path(path)
     validate_profile(profile, source=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(profile, indent=2, sort_keys=False) + "\n")
+    with atomic_write(path) as f:
+        f.write(json.dumps(profile, indent=2, sort_keys=False) + "\n")
     return path
 
 
