@@ -123,9 +123,15 @@ def detectable_tv(samples: int, categories: int = 20, alpha: float = 1e-4, power
 
 
 def run_verify(eut: EngineUnderTest, prompts: Sequence[Sequence[int]], *, samples: int = 12000, positions: int = 2,
-               greedy_tokens: int = 32, alpha: float = 1e-3, logprob_tol: float = 2e-2, seed: int = 0,
+               k: int = 1, greedy_tokens: int = 32, alpha: float = 1e-3, logprob_tol: float = 2e-2, seed: int = 0,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the three checks. ``k``: the longest draft the speculative path may use; its samples ask for
+    ``max(positions, k + 1)`` tokens so the first step can draft all ``k`` (an engine drafts at most the
+    tokens a request has left minus one), and the first ``positions`` are compared with AR's."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
     prompts = [list(p) for p in prompts]
+    sd_tokens = max(positions, k + 1)
     checks = []
 
     # 1. greedy identity
@@ -145,7 +151,7 @@ def run_verify(eut: EngineUnderTest, prompts: Sequence[Sequence[int]], *, sample
             progress(f"distribution: prompt {pi + 1}/{len(prompts)}")
         outs = {}
         for side, spec in (("ar", False), ("sd", True)):
-            params = [SamplingParams(temperature=1.0, max_tokens=positions, ignore_eos=True,
+            params = [SamplingParams(temperature=1.0, max_tokens=sd_tokens if spec else positions, ignore_eos=True,
                                      seed=(seed * 7919 + pi) * 1_000_003 + (s if side == "ar" else s + 10**7))
                       for s in range(samples)]
             outs[side] = eut.generate([p] * samples, params, speculative=spec)

@@ -261,18 +261,24 @@ class _VLLMWorker(_Worker):
         """Digests of the target and draft weights vLLM holds now (hashes every byte: for tests and checks)."""
         return dict(zip(("target", "drafter"), self.engine.llm.collective_rpc(_vllm_digests)[0]))
 
-    def check_request(self, prompt: Any, sp: Any) -> None:
-        from ..rollout import prompt_ids, to_sampling_params
+    def _parse(self, prompt: Any) -> tuple[None, list[int]]:
+        from ..rollout import prompt_ids
 
         _, ids = prompt_ids(prompt)  # token ids only: the engine runs with skip_tokenizer_init
-        check_prompt_ids(ids, self.model.cfg.vocab_size, self.engine.max_seq_len)  # the torch workers' checks
-        to_sampling_params(sp, self.model.cfg.vocab_size).validate(self.model.cfg.vocab_size)
+        return None, check_prompt_ids(ids, self.model.cfg.vocab_size, self.engine.max_seq_len)  # the torch checks
+
+    def check_request(self, prompt: Any, sp: Any) -> None:
+        from ..rollout import samples_per_request, to_sampling_params
+
+        samples_per_request(sp)
+        self._parse(prompt)
+        to_sampling_params(sp, self.model.cfg.vocab_size)
 
     def generate(self, items: list[tuple[Any, Any]]) -> tuple[list, dict]:
-        from ..rollout import expand_requests, fill_outputs, prompt_ids
+        from ..rollout import expand_requests, fill_outputs
 
-        results, flat, params, owners = expand_requests([p for p, _ in items], [sp for _, sp in items],
-                                                        prompt_ids, self.model.cfg.vocab_size)
+        results, flat, params, owners, _ = expand_requests([p for p, _ in items], [sp for _, sp in items],
+                                                           self._parse, self.model.cfg.vocab_size)
         plan = 0 if self.mode == "ar" else self.k if self.mode == "sd" else None
         t0 = time.perf_counter()
         outs = self.engine.generate(flat, params, plan=plan if self.engine.speculative else None)
@@ -282,11 +288,11 @@ class _VLLMWorker(_Worker):
             "spec_decode": self.engine.last_metrics.to_dict() if self.engine.speculative else None}
 
     def update_policy(self, weights: Any, keep_drafter: bool = False) -> float:
+        from ..checkpoints import policy_state
         from ..engine.model import load_state
-        from ..rollout import _as_internal_state
 
         t0 = time.perf_counter()
-        load_state(self.model, _as_internal_state(weights, self.model))  # invalid weights: ValueError, no change
+        load_state(self.model, policy_state(weights, self.model))  # invalid weights: ValueError, no change
         self.version += 1
         if self.engine.speculative and not keep_drafter:
             self.engine.update_policy(self.model, self.recipe, **self.export_kwargs)
@@ -459,9 +465,11 @@ class RayRolloutPool:
             since.pop(w, None)
             idx = [i for ref in [r for r, (v, _) in pending.items() if v == w] for i in pending.pop(ref)[1]]
             if idx:
-                self.requeued += len(idx)
+                if self._actors:  # counted only when some worker takes them over (else dispatch raises)
+                    self.requeued += len(idx)
                 dispatch(idx)
 
+        task_error: RayTaskError | None = None
         dispatch(list(range(len(items))))
         while pending:
             wait = None
@@ -479,6 +487,10 @@ class RayRolloutPool:
             except RayActorError as e:
                 drop(w, f"died: {_first_line(e)}")
                 continue
+            except RayTaskError as e:  # the worker's code raised; it is alive and its engine clean
+                del pending[ready[0]]
+                task_error = task_error or e
+                continue
             del pending[ready[0]]
             if any(v == w for v, _ in pending.values()):
                 since[w] = time.monotonic()
@@ -487,6 +499,8 @@ class RayRolloutPool:
             for i, v in zip(part, values):
                 results[i] = v
             extras.append(extra)
+        if task_error is not None:  # raised once every other share is back, so no worker is left mid-call
+            raise task_error.cause if isinstance(task_error.cause, Exception) else task_error
         return results, extras
 
     # ------------------------------------------------------------------ policy, telemetry, lifecycle

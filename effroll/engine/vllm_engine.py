@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .records import Plan
-from .sampling import SamplingParams
+from .sampling import SamplingParams, stream_seed
 from .torch_engine import BatchInputError, RequestOutput
 
 EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
@@ -434,7 +434,8 @@ class VLLMEngine:
         if not p.ignore_eos:
             stop.update(self.eos_token_ids)
         return VSP(temperature=float(p.temperature), top_k=int(p.top_k) if p.top_k > 0 else 0, top_p=float(p.top_p),
-                   max_tokens=int(p.max_tokens), stop_token_ids=sorted(stop), ignore_eos=True, seed=p.seed,
+                   max_tokens=int(p.max_tokens), stop_token_ids=sorted(stop), ignore_eos=True,
+                   seed=None if p.seed is None else stream_seed(p.seed),
                    logprobs=0, detokenize=False)
 
     def _warn_once(self, key: str, msg: str) -> None:
