@@ -12,7 +12,7 @@ import torch
 
 from effroll.drafter.export import save_hf_checkpoint
 from effroll.dist.ray_pool import RayRolloutPool, WorkersLostError, assign, expected_work, module_digest
-from effroll.engine.sampling import SamplingParams
+from effroll.engine.sampling import SamplingParams, stream_seed
 from effroll.rollout import LLM, AdaptiveSpecRollout
 
 from conftest import random_model, tiny_config
@@ -158,6 +158,46 @@ def kill_during_generate(monkeypatch, pool, worker):
     monkeypatch.setattr(pool, "_map", mapped)
 
 
+def poisoner(poison):
+    """A function for ``__ray_call__`` (nested, so Ray ships it by value): inside the actor, steps raise for
+    rows seeded ``poison``; ``poisoner(None)`` undoes it."""
+
+    def run(worker):
+        from effroll.engine import torch_engine as te
+
+        real = te.__dict__.setdefault("_real_uniforms", te.uniforms)
+
+        def uniforms(seeds, counters, n):
+            if bool((seeds == poison).any()):
+                raise RuntimeError(f"injected fault for seed {poison}")
+            return real(seeds, counters, n)
+
+        te.uniforms = real if poison is None else uniforms
+
+    return run
+
+
+def test_huge_seed_and_a_failing_request_fail_alone_in_the_pool(ar_pool):
+    """A seed outside int64 runs (one reduction rule everywhere); a request that fails inside an actor's step
+    comes back alone with finish_reason "error", the others complete and every actor stays."""
+    prompts, sps = requests(4)
+    sps[1] = SamplingParams(temperature=1.0, max_tokens=8, seed=stream_seed(2**70 + 3))
+    ref = tokens(ar_pool.generate(prompts, sps))  # (earlier tests moved the pool's policy: compare with itself)
+    sps[1] = SamplingParams(temperature=1.0, max_tokens=8, seed=2**70 + 3)
+    assert tokens(ar_pool.generate(prompts, sps)) == ref
+    actors = list(ar_pool.workers.values())
+    ray.get([a.__ray_call__.remote(poisoner(102)) for a in actors])  # request 2's seed
+    try:
+        outs = ar_pool.generate(prompts, sps)
+    finally:
+        ray.get([a.__ray_call__.remote(poisoner(None)) for a in actors])
+    bad = outs[2].outputs[0]
+    assert bad.finish_reason == "error" and "injected fault for seed 102" in bad.error
+    assert [t for i, t in enumerate(tokens(outs)) if i != 2] == [t for i, t in enumerate(ref) if i != 2]
+    assert ar_pool.stats()["pool"]["alive"] == [0, 1]
+    assert tokens(ar_pool.generate(prompts, sps)) == ref
+
+
 def test_killed_actor_loses_no_request_then_clear_error(checkpoint, monkeypatch):
     prompts = [[5 + i, 6, 7][: 1 + i % 3] for i in range(8)]
     sps = [SamplingParams(temperature=1.0, max_tokens=600, ignore_eos=True, seed=i) for i in range(8)]
@@ -176,6 +216,7 @@ def test_killed_actor_loses_no_request_then_clear_error(checkpoint, monkeypatch)
             pool.generate(prompts, sps)
         assert "returned nothing for timeout_s=0.2 s" in str(e.value) and "8 of 8 requests unfinished" in str(e.value)
         assert len(e.value.outputs) == 8
+        assert pool.requeued == st["requeued_requests"]  # the last re-queue found no worker: not counted
         with pytest.raises(WorkersLostError, match="policy update reached none"):
             pool.update_policy(LLM(checkpoint, recipe=None, dtype="fp32").model)
     finally:

@@ -77,3 +77,27 @@ def test_verify_cli_vllm_engine_without_vllm_is_a_clear_error(tmp_path):
     t = save_tiny_checkpoint(tmp_path / "t", seed=0, vocab=64)
     res = CliRunner().invoke(main, ["verify", "--model", str(t), "--engine", "vllm"])
     assert res.exit_code == 2 and "--engine vllm: vllm is not importable" in res.output, res.output
+
+
+def test_verify_drafts_the_k_it_is_asked_for_and_catches_a_k2_only_bug(small_pair, monkeypatch):
+    """A sampler that is right for one-token drafts but always accepts the second draft token: verify
+    at --k 4 must draft >= 2 tokens (it used to cap K at positions - 1 = 1) and so catch it."""
+    target, drafter = small_pair
+    real = sampling_mod.speculative_accept
+    seen = {"max_k": 0}
+
+    def accept_second_always(p, q, draft, k, u_accept, u_final):
+        seen["max_k"] = max(seen["max_k"], int(k.max()) if k.numel() else 0)
+        if u_accept.shape[1] >= 2:
+            u_accept = u_accept.clone()
+            u_accept[:, 1] = torch.where(k >= 2, torch.zeros_like(u_accept[:, 1]), u_accept[:, 1])
+        return real(p, q, draft, k, u_accept, u_final)
+
+    eng = TorchEngine(target, drafter, max_batch=256, kmax=6)
+    eut = TorchEngineUnderTest(eng, lambda: Plan(4))
+    assert run_verify(eut, PROMPTS[:2], samples=3000, positions=2, k=4)["passed"]
+    monkeypatch.setattr("effroll.engine.torch_engine.speculative_accept", accept_second_always)
+    res = run_verify(eut, PROMPTS[:2], samples=3000, positions=2, k=4)
+    assert seen["max_k"] == 4
+    dist = next(c for c in res["checks"] if c["name"] == "distribution")
+    assert not dist["passed"], dist
