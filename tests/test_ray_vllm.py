@@ -17,7 +17,7 @@ from effroll.rollout import AdaptiveSpecRollout
 
 from test_ray_pool import kill_during_generate, tokens
 from test_vllm_engine import _VLLM, _WHY, needs_vllm
-from test_vllm_export import vllm_tiny
+from test_vllm_export import _INT4, _WHY_INT4, vllm_tiny
 
 RECIPE = "rtn-sym-g128"  # the group size test_vllm_engine uses with vllm_tiny (vLLM-CPU's W4A16 takes 32/64/128)
 ENGINE = dict(kmax=3, max_batch=8, max_seq_len=128)
@@ -37,8 +37,8 @@ def ckpt(tmp_path_factory):
 def reference(ckpt, tmp_path_factory):
     """One in-process VLLMEngine on the same checkpoint and drafter recipe: greedy tokens of PROMPTS (K = 3),
     before and after the policy update, then closed (no third engine alive while the pool runs)."""
-    if not _VLLM:
-        pytest.skip(_WHY)
+    if not _INT4:
+        pytest.skip(_WHY_INT4)
     from effroll.checkpoints import load_model
     from effroll.engine.vllm_engine import VLLMEngine
 

@@ -29,7 +29,7 @@ except Exception as e:
 needs_vllm = pytest.mark.skipif(not _VLLM, reason=_WHY)
 
 
-from test_vllm_export import vllm_tiny  # noqa: E402  (one tiny vLLM-compatible model for both files)
+from test_vllm_export import _INT4, _WHY_INT4, vllm_tiny  # noqa: E402  (one tiny vLLM model for both files)
 
 
 # ----------------------------------------------------------------------------- schedules (no vllm needed)
@@ -56,8 +56,8 @@ def test_schedule_helpers():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    if not _VLLM:
-        pytest.skip(_WHY)
+    if not _INT4:
+        pytest.skip(_WHY_INT4)
     from effroll.engine.vllm_engine import VLLMEngine
 
     d = tmp_path_factory.mktemp("vllm_engine")
@@ -197,3 +197,17 @@ def test_update_policy_reloads_target_and_drafter(setup):
     finally:  # leave the shared engine as it was
         eng.update_weights(target)
         eng.update_drafter(d / "drafter")
+
+
+@needs_vllm
+def test_int4_drafter_on_a_cpu_without_vllms_w4a16_kernel_is_a_clear_error(tmp_path):
+    """Where vLLM-CPU has no W4A16 kernel (AVX2 CPUs) the engine says so at construction, not in a forward."""
+    if _INT4:
+        pytest.skip("this vLLM runs INT4 draft models here: nothing to refuse")
+    from effroll.engine.vllm_engine import VLLMEngine
+
+    target = vllm_tiny(0)
+    save_hf_checkpoint(target, tmp_path / "target")
+    export_drafter(derive_drafter(target, "rtn-sym-g128"), tmp_path / "drafter")
+    with pytest.raises(RuntimeError, match=r"no W4A16 kernel \(_C.cpu_gemm_wna16"):
+        VLLMEngine(tmp_path / "target", tmp_path / "drafter", kmax=2, max_batch=4, max_seq_len=128)

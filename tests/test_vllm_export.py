@@ -144,6 +144,13 @@ try:
 except Exception as e:  # ImportError, or a broken install (e.g. a mismatched torchvision)
     _VLLM, _WHY = False, f"vllm is not importable ({type(e).__name__}: {e}); install: scripts/install_vllm_cpu.sh"
 needs_vllm = pytest.mark.skipif(not _VLLM, reason=_WHY)
+if _VLLM:
+    from effroll.engine.vllm_engine import vllm_int4_draft_support
+
+    _INT4, _WHY_INT4 = vllm_int4_draft_support()
+else:
+    _INT4, _WHY_INT4 = False, _WHY
+needs_vllm_int4 = pytest.mark.skipif(not _INT4, reason=_WHY_INT4)  # an INT4 draft model in vLLM
 
 
 def _vllm_logprobs(path, prompt, n_gen):
@@ -175,7 +182,7 @@ def _ours(model, ids):
     return torch.tensor([lg[i - 1, ids[i]].item() for i in range(1, len(ids))]), lg.argmax(-1)
 
 
-@needs_vllm
+@needs_vllm_int4
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_vllm_loads_exported_drafter(tmp_path, fmt):
     """vLLM's INT4 model == our in-memory drafter up to bf16 noise, and clearly not the dense target."""

@@ -65,6 +65,32 @@ def vllm_available() -> tuple[bool, str]:
     return True, ""
 
 
+def vllm_int4_draft_support() -> tuple[bool, str]:
+    """(usable, reason) for an INT4 (W4A16) draft model in this vLLM on this machine. vLLM-CPU builds its
+    W4A16 kernel (``_C.cpu_gemm_wna16``) into its AVX512 library only: on an AVX2 CPU it loads ``_C_AVX2``
+    and an INT4 drafter fails in its first forward."""
+    ok, why = vllm_available()
+    if not ok:
+        return ok, why
+    import torch
+    import vllm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return True, ""
+    import vllm._custom_ops  # noqa: F401 - loads the platform's _C library
+
+    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return True, ""
+    return False, (f"vLLM-CPU {vllm.__version__} on this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+                   "W4A16 kernel (_C.cpu_gemm_wna16 is built for AVX512 only), so it cannot run an INT4 draft model")
+
+
+def _is_quantized(model_dir: Path) -> bool:
+    cfg = model_dir / "config.json"
+    return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
+
+
 # ----------------------------------------------------------------------------- worker-side functions
 # Module-level so that collective_rpc can ship them to worker processes by reference.
 
@@ -285,6 +311,10 @@ class VLLMEngine:
 
         self.model_dir = Path(model)
         self.drafter_dir = Path(drafter) if drafter is not None else None
+        if self.drafter_dir is not None and _is_quantized(self.drafter_dir):
+            ok, why = vllm_int4_draft_support()
+            if not ok:
+                raise RuntimeError(why)
         self.kmax, self.max_batch, self.max_seq_len = int(kmax), int(max_batch), int(max_seq_len)
         self.eos_token_ids = _read_eos(self.model_dir)
         self.schedule: Schedule | None = None
