@@ -133,7 +133,20 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
 
 
-_MKLDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+def _mkldnn_bf16_linear_works() -> bool:
+    """oneDNN's bf16 weight reorder refuses CPUs without AVX512-BW/VL/DQ or AVX-NE-CONVERT (e.g. AVX2-only
+    Zen 3) with a RuntimeError; probed once on a tiny weight so such CPUs use F.linear instead."""
+    if not (hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()):
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=torch.bfloat16), w, None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
+
+
+_MKLDNN_LINEAR = _mkldnn_bf16_linear_works()
 
 
 class Linear(nn.Linear):
