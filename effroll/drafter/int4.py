@@ -16,22 +16,33 @@ the kernel's dtype). When ``g`` does not divide ``in_features`` the last group i
 are padded up to a multiple of ``g`` by repeating the last column (which leaves every group's
 min/max unchanged) and activations are zero-padded at run time, so the padding contributes 0.
 
-Kernels: on CPU ``_convert_weight_to_int4pack_for_cpu(int32 codes [N, K], 1)`` packs and
-``_weight_int4pack_mm_for_cpu(x_bf16 [M, K], packed, g, sz)`` multiplies, with
-``sz = stack([s, z], -1).transpose(0, 1)`` of shape ``[K/g, N, 2]`` (bf16). On CUDA the packer takes
-``uint8 [N, K/2]`` with the even column in the high nibble and ``innerKTiles`` in {2, 4, 8}. Shapes
-the kernels cannot take (CPU: N % 16; CUDA: N % 8 or pre-sm80 GPUs; other devices) fall back to a dequantize-then-
-``F.linear`` path (warned once per process and reason).
+Kernels (``Int4Linear.backend``):
+
+* ``"effroll"`` (CPU default): effroll's own AVX2 kernel, :mod:`effroll.drafter.kernels`
+  (``torch.ops.effroll.int4_mm``), built on first use; any N. It reads each weight tile once for all
+  rows of x, where torch's CPU kernel re-dequantizes it for every few rows.
+* ``"cpu"``: torch's ``_convert_weight_to_int4pack_for_cpu(int32 codes [N, K], 1)`` packs and
+  ``_weight_int4pack_mm_for_cpu(x_bf16 [M, K], packed, g, sz)`` multiplies, with
+  ``sz = stack([s, z], -1).transpose(0, 1)`` of shape ``[K/g, N, 2]`` (bf16). Used when effroll's kernel
+  cannot build or the CPU lacks AVX2/FMA (warned once), or when ``EFFROLL_INT4_KERNEL=torch``.
+* ``"cuda"``: the packer takes ``uint8 [N, K/2]`` with the even column in the high nibble and
+  ``innerKTiles`` in {2, 4, 8}.
+
+Shapes no kernel takes (torch's CPU kernel: N % 16; CUDA: N % 8 or pre-sm80 GPUs; other devices) fall
+back to a dequantize-then-``F.linear`` path (warned once per process and reason).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernels accept
 _WARNED: set[str] = set()
@@ -168,8 +179,20 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, symmetric: bool = True, 
 # --------------------------------------------------------------------------- packing
 
 
+KERNEL_ENV = "EFFROLL_INT4_KERNEL"  # "torch": torch's CPU kernel even where effroll's works (A/B runs)
+
+
 def _backend(device: torch.device, n: int) -> str | None:
-    """'cpu' / 'cuda' when the native kernel takes this shape on ``device``, else None."""
+    """'effroll' / 'cpu' / 'cuda': the kernel for this shape on ``device`` (None: dequantized matmul)."""
+    if device.type == "cpu":
+        choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+        if choice not in ("auto", "effroll", "torch"):
+            raise ValueError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'effroll' or 'torch'")
+        if choice != "torch":
+            if kernels.available():
+                return "effroll"
+            warn_once(f"effroll's CPU INT4 kernel is unavailable ({kernels.unavailable_reason()}); "
+                      "using torch's _weight_int4pack_mm_for_cpu")
     if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and n % 16 == 0:
         return "cpu"
     if device.type == "cuda" and n % 8 == 0 and torch.cuda.get_device_capability(device) >= (8, 0):
@@ -246,6 +269,8 @@ def _cpu_decoder_ok() -> bool:
 
 
 def _pack(backend: str | None, codes: torch.Tensor) -> torch.Tensor:
+    if backend == "effroll":
+        raise AssertionError("effroll's layout packs codes with the group parameters: kernels.pack_weight")
     if backend == "cpu":
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
     if backend == "cuda":
@@ -282,11 +307,17 @@ class Int4Linear(nn.Module):
                 f"{16 if dev.type == 'cpu' else 8} on cpu / sm80+ cuda); using a dequantized matmul"
             )
         codes = qw.codes.to(dev)
-        self.register_buffer("packed", _pack(self.backend, codes))
-        sz = torch.stack([qw.scales, qw.zeros], dim=-1).transpose(0, 1).contiguous()  # [Kp/g, N, 2]
+        if self.backend == "effroll":  # packed [ceil(N/16), Kp, 8], scales_and_zeros [ceil(N/16), Kp/g, 2, 16]
+            packed, sz = kernels.pack_weight(codes, qw.scales.to(dev), qw.zeros.to(dev))
+        else:
+            packed = _pack(self.backend, codes)
+            sz = torch.stack([qw.scales, qw.zeros], dim=-1).transpose(0, 1).contiguous()  # [Kp/g, N, 2]
+        self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", sz.to(device=dev, dtype=torch.bfloat16))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dev).clone())
-        if self.backend == "cpu":
+        if self.backend == "effroll":
+            self._op = torch.ops.effroll.int4_mm.default
+        elif self.backend == "cpu":
             self._op = torch.ops.aten._weight_int4pack_mm_for_cpu.default
         elif self.backend == "cuda":
             self._op = torch.ops.aten._weight_int4pack_mm.default
@@ -306,12 +337,16 @@ class Int4Linear(nn.Module):
         n, kp = self.out_features, self.padded_in_features
         if self.backend is None:
             return unpack_nibbles(self.packed)
+        if self.backend == "effroll":
+            return kernels.unpack_codes(self.packed, n)
         if self.backend == "cpu" and _cpu_decoder_ok():
             return _decode_cpu_layout(self.packed, n, kp, torch.backends.cpu.get_cpu_capability())
         return _probe_codes(self.packed, n, kp, self.backend)
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scales, zeros)`` bf16 ``[N, Kp / g]``."""
+        if self.backend == "effroll":
+            return kernels.unpack_scales_zeros(self.scales_and_zeros, self.out_features)
         return self.scales_and_zeros[..., 0].T, self.scales_and_zeros[..., 1].T
 
     def quantized_weight(self) -> QuantizedWeight:
@@ -333,9 +368,12 @@ class Int4Linear(nn.Module):
             return x.new_zeros(out_shape)
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
-        if self.padded_in_features != self.in_features:
-            x2 = F.pad(x2, (0, self.padded_in_features - self.in_features))
-        y = self._op(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros).view(out_shape)
+        if self.backend == "effroll":  # pads K itself
+            y = self._op(x2, self.packed, self.scales_and_zeros, self.group_size, self.out_features).view(out_shape)
+        else:
+            if self.padded_in_features != self.in_features:
+                x2 = F.pad(x2, (0, self.padded_in_features - self.in_features))
+            y = self._op(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros).view(out_shape)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
