@@ -3,7 +3,7 @@
 // Layout (built by effroll/drafter/kernels/__init__.py: pack_weight):
 //   packed       uint8 [T, Kp, 8], T = ceil(N / 16) tiles of 16 output rows; byte b of (t, k) holds
 //                q[16t + b, k] in its low nibble and q[16t + 8 + b, k] in its high one, so one vpmovzxbd
-//                of the 8 bytes, then `and 15` / `srl 4`, gives the int32 codes of rows 0..7 and 8..15.
+//                of the 8 bytes, then `and 0x0F` / `and 0xF0`, gives the int32 codes of rows 0..7 and 16 x those of 8..15.
 //   scales_zeros bf16 [T, G, 2, 16]: the 16 scales, then the 16 zeros, of tile t and group j (64 bytes).
 // Weights dequantize as w = (q - 8) s + z. With b = z - 8 s, one group's contribution to y[m, n] is
 //   sum_k x[m, k] (q s + b) = s * sum_k x[m, k] q[n, k] + b * sum_k x[m, k],
@@ -88,8 +88,8 @@ TARGET void tile_kernel(const Problem& p, int64_t t, int64_t m0) {
   const uint16_t* sz = p.sz + t * groups * 32;
   const float* x = p.x + m0 * kp;
   const float* xsum = p.xsum + m0 * groups;
-  const __m256i lo4 = _mm256_set1_epi32(15);
-  const __m256 eight = _mm256_set1_ps(8.f);
+  const __m256i lo4 = _mm256_set1_epi32(0x0F), hi4 = _mm256_set1_epi32(0xF0);
+  const __m256 eight = _mm256_set1_ps(8.f), sixteenth = _mm256_set1_ps(1.f / 16);
   __m256 out[R][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) out[r][0] = out[r][1] = _mm256_setzero_ps();
@@ -106,7 +106,7 @@ TARGET void tile_kernel(const Problem& p, int64_t t, int64_t m0) {
       for (int u = 0; u < U; ++u) {
         __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wj + (k + u) * 8)));
         __m256 c0 = _mm256_cvtepi32_ps(_mm256_and_si256(b, lo4));
-        __m256 c1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        __m256 c1 = _mm256_cvtepi32_ps(_mm256_and_si256(b, hi4));  // 16 q: a shift would take an FMA port
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           __m256 xb = _mm256_broadcast_ss(xj + r * kp + k + u);
@@ -119,6 +119,7 @@ TARGET void tile_kernel(const Problem& p, int64_t t, int64_t m0) {
     __m256 s0 = load_bf16x8(sj), s1 = load_bf16x8(sj + 8);
     __m256 b0 = _mm256_fnmadd_ps(eight, s0, load_bf16x8(sj + 16));  // z - 8 s (exact in fp32 for bf16 s, z)
     __m256 b1 = _mm256_fnmadd_ps(eight, s1, load_bf16x8(sj + 24));
+    s1 = _mm256_mul_ps(s1, sixteenth);  // the high codes come as 16 q; dividing s by 16 is exact
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       __m256 a0 = acc[0][r][0], a1 = acc[0][r][1];
@@ -154,17 +155,18 @@ TARGET void dequant_tile(const Problem& p, int64_t t, float* wb) {
   const int64_t g = p.g, kp = p.kp, groups = p.groups;
   const uint8_t* w = p.w + t * kp * 8;
   const uint16_t* sz = p.sz + t * groups * 32;
-  const __m256i lo4 = _mm256_set1_epi32(15);
-  const __m256 eight = _mm256_set1_ps(8.f);
+  const __m256i lo4 = _mm256_set1_epi32(0x0F), hi4 = _mm256_set1_epi32(0xF0);
+  const __m256 eight = _mm256_set1_ps(8.f), sixteenth = _mm256_set1_ps(1.f / 16);
   for (int64_t j = 0; j < groups; ++j) {
     const uint16_t* sj = sz + j * 32;
     __m256 s0 = load_bf16x8(sj), s1 = load_bf16x8(sj + 8);
     __m256 b0 = _mm256_fnmadd_ps(eight, s0, load_bf16x8(sj + 16));
     __m256 b1 = _mm256_fnmadd_ps(eight, s1, load_bf16x8(sj + 24));
+    s1 = _mm256_mul_ps(s1, sixteenth);
     for (int64_t k = j * g; k < (j + 1) * g; ++k) {
       __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k * 8)));
       _mm256_store_ps(wb + k * 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, lo4)), s0, b0));
-      _mm256_store_ps(wb + k * 16 + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s1, b1));
+      _mm256_store_ps(wb + k * 16 + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, hi4)), s1, b1));
     }
   }
 }
