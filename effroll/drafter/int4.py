@@ -269,8 +269,6 @@ def _cpu_decoder_ok() -> bool:
 
 
 def _pack(backend: str | None, codes: torch.Tensor) -> torch.Tensor:
-    if backend == "effroll":
-        raise AssertionError("effroll's layout packs codes with the group parameters: kernels.pack_weight")
     if backend == "cpu":
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
     if backend == "cuda":
