@@ -40,8 +40,6 @@ def build_dir() -> Path:
 
 
 def _load() -> None:
-    import time
-
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"not an x86-64 CPU ({platform.machine()})")
     d = build_dir()
@@ -49,17 +47,31 @@ def _load() -> None:
     if lib.exists():
         torch.ops.load_library(str(lib))
     else:
-        from torch.utils import cpp_extension
-
-        d.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        # cpp_extension serialises concurrent builds of one directory with a lock file
-        cpp_extension.load(_NAME, [str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=str(d),
-                           is_python_module=False, verbose=False)
-        _state["build_s"] = time.perf_counter() - t0
+        _build(d, lib)
     torch.library.register_fake("effroll::int4_mm")(_int4_mm_fake)
     if not ctypes.CDLL(str(lib)).effroll_int4_cpu_supported():
         raise RuntimeError("this CPU lacks AVX2/FMA")
+
+
+def _build(d: Path, lib: Path) -> None:
+    """Compile (and load) in a private directory, then move the library into ``d`` in one rename: a process
+    that finds ``lib`` finds it complete, and a build that dies leaves no lock behind for others to wait on."""
+    import shutil
+    import tempfile
+    import time
+
+    from torch.utils import cpp_extension
+
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=d))
+    try:
+        t0 = time.perf_counter()
+        cpp_extension.load(_NAME, [str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=str(tmp),
+                           is_python_module=False, verbose=False)
+        _state["build_s"] = time.perf_counter() - t0
+        os.replace(tmp / lib.name, lib)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _int4_mm_fake(x, packed, scales_zeros, group_size, n):
