@@ -178,20 +178,21 @@ def bench_shape(kind: str, g: int, ms, repeats: int, bw: float, flops: float, on
 
 
 def print_shape(kind: str, r: dict) -> None:
-    print(f"\n{kind} {r['n']}x{r['k']} g{r['group_size']} ({r['copies']} copies cycled) — "
-          f"us median [min-max]; (x bandwidth limit / x max(bandwidth, compute) limit)")
     names = list(r["variants"])
-    print("    M | " + " | ".join(f"{nm:>30}" for nm in names))
+    first = r["variants"][names[0]]["rows"]
+    print(f"\n{kind} {r['n']}x{r['k']} g{r['group_size']}, {r['copies']} copies cycled; us median [min-max] "
+          f"(x its bandwidth limit / x max(bandwidth, compute) limit)")
     for nm in names:
         v = r["variants"][nm]
-        print(f"  {nm}: {v['weight_bytes'] / 1e6:.2f} MB, bandwidth limit {v['rows'][next(iter(v['rows']))]['bw_limit_s'] * 1e6:.0f} us")
-    for m in next(iter(r["variants"].values()))["rows"]:
-        cells = []
-        for nm in names:
-            row = r["variants"][nm]["rows"][m]
-            cells.append(f"{fmt(row):>17} ({row['x_bw_limit']:.1f}/{row['x_binding_limit']:.1f})")
-        comp = next(iter(r["variants"].values()))["rows"][m]["compute_limit_s"]
-        print(f"  {m:>3} | " + " | ".join(f"{c:>30}" for c in cells) + f"   compute limit {comp * 1e6:.0f} us")
+        bw_us = next(iter(v["rows"].values()))["bw_limit_s"] * 1e6
+        print(f"  {nm}: {v['weight_bytes'] / 1e6:.2f} MB -> bandwidth limit {bw_us:.0f} us")
+    cells = {m: [f"{fmt(r['variants'][nm]['rows'][m])} ({r['variants'][nm]['rows'][m]['x_bw_limit']:.1f}/"
+                 f"{r['variants'][nm]['rows'][m]['x_binding_limit']:.1f})" for nm in names] for m in first}
+    widths = [max(len(nm), *(len(c[i]) for c in cells.values())) for i, nm in enumerate(names)]
+    print("    M | " + " | ".join(nm.rjust(w) for nm, w in zip(names, widths)) + " | compute limit")
+    for m, row in cells.items():
+        print(f"  {m:>3} | " + " | ".join(c.rjust(w) for c, w in zip(row, widths))
+              + f" | {first[m]['compute_limit_s'] * 1e6:.0f} us")
 
 
 def in_cache_kernel_flops(repeats: int = 7) -> float | None:
