@@ -11,6 +11,9 @@ median [min-max] over repeats, and, measured in the same run:
   two 1024 x 1024 matrices (the effroll kernel on an in-cache weight at M=64 is reported beside it);
 * per M: us, us / bandwidth limit, us / max(bandwidth limit, compute limit).
 
+"effroll op" calls ``torch.ops.effroll.int4_mm`` on the same weights as "effroll int4" (the module):
+the difference is Int4Linear's eager Python overhead, which torch.compile'd decode steps do not pay.
+
 ``--drafter MODEL_DIR`` adds one decode step (B tokens on a 128-token KV cache, plus the LM head) of
 the target and of its INT4 drafters (shared bf16 LM head / INT4 LM head) with torch's kernel and with
 effroll's, all interleaved.
@@ -145,6 +148,9 @@ def build_variants(n: int, k: int, g: int, copies: int, only: list[str] | None) 
         ours = [Int4Linear(q) for q in qws]
         o = ours[0]
         add("effroll int4", ours, o.packed.numel() + o.scales_and_zeros.numel() * 2)
+        op = torch.ops.effroll.int4_mm.default  # the same weights without Int4Linear's Python (eager) overhead
+        add("effroll op", [lambda x, m=m: op(x, m.packed, m.scales_and_zeros, g, n) for m in ours],
+            o.packed.numel() + o.scales_and_zeros.numel() * 2)
     return out
 
 
