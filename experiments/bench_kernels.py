@@ -2,8 +2,9 @@
 
 Weights come from DRAM as in a real layer stack: each variant cycles through enough copies of the
 weight (more than twice the L3 size in total) that none is still cached when it is used again; x stays
-the same (activations are small). Variants are interleaved within each repeat; the table shows the
-median [min-max] over repeats, and, measured in the same run:
+the same (activations are small). Variants are interleaved within each repeat; a repeat's value is the
+median per-call time of its calls, and the table shows the median [min-max] over repeats, and, measured
+in the same run:
 
 * DRAM read bandwidth: the faster of ``torch.sum`` over a 1 GiB bf16 and a 1 GiB fp32 tensor;
 * bandwidth limit of a variant: its weight bytes (scales and zeros included) / that bandwidth;
@@ -106,14 +107,16 @@ class Variant:
         self.name, self.fns, self.weight_bytes, self.next = name, fns, weight_bytes, 0
 
     def time_calls(self, x: torch.Tensor, calls: int) -> float:
-        fns, i = self.fns, self.next
-        t0 = time.perf_counter()
+        """Median seconds per call over ``calls`` consecutive calls: robust to the multi-ms stalls a shared
+        machine inflicts on some parallel regions (when another process holds the cores)."""
+        fns, i, ts = self.fns, self.next, []
         for _ in range(calls):
+            t0 = time.perf_counter()
             fns[i](x)
+            ts.append(time.perf_counter() - t0)
             i = (i + 1) % len(fns)
-        dt = time.perf_counter() - t0
         self.next = i
-        return dt / calls
+        return statistics.median(ts)
 
 
 def build_variants(n: int, k: int, g: int, copies: int, only: list[str] | None) -> list[Variant]:
