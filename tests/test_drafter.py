@@ -75,22 +75,25 @@ def to_hf(cfg: ModelConfig, m: Transformer) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- INT4 maths and packing
 
 
+@pytest.mark.parametrize("kernel", ["effroll", "torch"])
 @pytest.mark.parametrize("n,k,g,sym", [(64, 128, 32, True), (112, 96, 32, False), (48, 200, 64, False),
                                        (256, 64, 128, True), (80, 256, 128, False)])
-def test_pack_roundtrip_and_kernel(n, k, g, sym):
+def test_pack_roundtrip_and_kernel(n, k, g, sym, kernel, monkeypatch):
+    monkeypatch.setenv(I.KERNEL_ENV, kernel)
     gen = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=gen) * 0.05
     qw = quantize_rtn(w, g, sym)
     kp = qw.codes.shape[1]
     assert kp % g == 0 and kp >= k
     lin = Int4Linear(qw)
-    assert lin.backend == "cpu"
-    # exact round trip: codes (two independent decoders), scales and zeros
+    assert lin.backend == ("cpu" if kernel == "torch" else "effroll")
+    # exact round trip: codes (two independent decoders for torch's layout), scales and zeros
     assert torch.equal(lin.codes(), qw.codes)
-    assert torch.equal(I._probe_codes(lin.packed, n, kp, "cpu"), qw.codes)
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap.startswith(("AVX512", "AVX2")):  # layouts documented in ATen's int4mm_kernel.cpp
-        assert torch.equal(I._decode_cpu_layout(lin.packed, n, kp, cap), qw.codes)
+    if kernel == "torch":
+        assert torch.equal(I._probe_codes(lin.packed, n, kp, "cpu"), qw.codes)
+        cap = torch.backends.cpu.get_cpu_capability()
+        if cap.startswith(("AVX512", "AVX2")):  # layouts documented in ATen's int4mm_kernel.cpp
+            assert torch.equal(I._decode_cpu_layout(lin.packed, n, kp, cap), qw.codes)
     s, z = lin.scales_zeros()
     assert torch.equal(s, qw.scales) and torch.equal(z, qw.zeros)
     assert torch.equal(lin.dequantize(), qw.dequantize())
@@ -160,7 +163,8 @@ def test_ragged_last_group_ignores_padding():
     assert float((lin(x) - ref).norm() / ref.norm()) < 1e-2
 
 
-def test_fallback_for_unsupported_shape_warns_once():
+def test_fallback_for_unsupported_shape_warns_once(monkeypatch):
+    monkeypatch.setenv(I.KERNEL_ENV, "torch")  # effroll's kernel takes any N; torch's needs a multiple of 16
     I.reset_warnings()
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(40, 64, generator=gen)  # out_features 40: the CPU packer needs a multiple of 16

@@ -16,22 +16,33 @@ the kernel's dtype). When ``g`` does not divide ``in_features`` the last group i
 are padded up to a multiple of ``g`` by repeating the last column (which leaves every group's
 min/max unchanged) and activations are zero-padded at run time, so the padding contributes 0.
 
-Kernels: on CPU ``_convert_weight_to_int4pack_for_cpu(int32 codes [N, K], 1)`` packs and
-``_weight_int4pack_mm_for_cpu(x_bf16 [M, K], packed, g, sz)`` multiplies, with
-``sz = stack([s, z], -1).transpose(0, 1)`` of shape ``[K/g, N, 2]`` (bf16). On CUDA the packer takes
-``uint8 [N, K/2]`` with the even column in the high nibble and ``innerKTiles`` in {2, 4, 8}. Shapes
-the kernels cannot take (CPU: N % 16; CUDA: N % 8 or pre-sm80 GPUs; other devices) fall back to a dequantize-then-
-``F.linear`` path (warned once per process and reason).
+Kernels (``Int4Linear.backend``):
+
+* ``"effroll"`` (CPU default): effroll's own AVX2 kernel, :mod:`effroll.drafter.kernels`
+  (``torch.ops.effroll.int4_mm``), built on first use; any N. It reads each weight tile once for all
+  rows of x, where torch's CPU kernel re-dequantizes it for every few rows.
+* ``"cpu"``: torch's ``_convert_weight_to_int4pack_for_cpu(int32 codes [N, K], 1)`` packs and
+  ``_weight_int4pack_mm_for_cpu(x_bf16 [M, K], packed, g, sz)`` multiplies, with
+  ``sz = stack([s, z], -1).transpose(0, 1)`` of shape ``[K/g, N, 2]`` (bf16). Used when effroll's kernel
+  cannot build or the CPU lacks AVX2/FMA (warned once), or when ``EFFROLL_INT4_KERNEL=torch``.
+* ``"cuda"``: the packer takes ``uint8 [N, K/2]`` with the even column in the high nibble and
+  ``innerKTiles`` in {2, 4, 8}.
+
+Shapes no kernel takes (torch's CPU kernel: N % 16; CUDA: N % 8 or pre-sm80 GPUs; other devices) fall
+back to a dequantize-then-``F.linear`` path (warned once per process and reason).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernels accept
 _WARNED: set[str] = set()
@@ -168,8 +179,20 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, symmetric: bool = True, 
 # --------------------------------------------------------------------------- packing
 
 
+KERNEL_ENV = "EFFROLL_INT4_KERNEL"  # "torch": torch's CPU kernel even where effroll's works (A/B runs)
+
+
 def _backend(device: torch.device, n: int) -> str | None:
-    """'cpu' / 'cuda' when the native kernel takes this shape on ``device``, else None."""
+    """'effroll' / 'cpu' / 'cuda': the kernel for this shape on ``device`` (None: dequantized matmul)."""
+    if device.type == "cpu":
+        choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+        if choice not in ("auto", "effroll", "torch"):
+            raise ValueError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'effroll' or 'torch'")
+        if choice != "torch":
+            if kernels.available():
+                return "effroll"
+            warn_once(f"effroll's CPU INT4 kernel is unavailable ({kernels.unavailable_reason()}); "
+                      "using torch's _weight_int4pack_mm_for_cpu")
     if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and n % 16 == 0:
         return "cpu"
     if device.type == "cuda" and n % 8 == 0 and torch.cuda.get_device_capability(device) >= (8, 0):
@@ -282,11 +305,17 @@ class Int4Linear(nn.Module):
                 f"{16 if dev.type == 'cpu' else 8} on cpu / sm80+ cuda); using a dequantized matmul"
             )
         codes = qw.codes.to(dev)
-        self.register_buffer("packed", _pack(self.backend, codes))
-        sz = torch.stack([qw.scales, qw.zeros], dim=-1).transpose(0, 1).contiguous()  # [Kp/g, N, 2]
+        if self.backend == "effroll":  # packed [ceil(N/16), Kp, 8], scales_and_zeros [ceil(N/16), Kp/g, 2, 16]
+            packed, sz = kernels.pack_weight(codes, qw.scales.to(dev), qw.zeros.to(dev))
+        else:
+            packed = _pack(self.backend, codes)
+            sz = torch.stack([qw.scales, qw.zeros], dim=-1).transpose(0, 1).contiguous()  # [Kp/g, N, 2]
+        self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", sz.to(device=dev, dtype=torch.bfloat16))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dev).clone())
-        if self.backend == "cpu":
+        if self.backend == "effroll":
+            self._op = torch.ops.effroll.int4_mm.default
+        elif self.backend == "cpu":
             self._op = torch.ops.aten._weight_int4pack_mm_for_cpu.default
         elif self.backend == "cuda":
             self._op = torch.ops.aten._weight_int4pack_mm.default
@@ -306,12 +335,16 @@ class Int4Linear(nn.Module):
         n, kp = self.out_features, self.padded_in_features
         if self.backend is None:
             return unpack_nibbles(self.packed)
+        if self.backend == "effroll":
+            return kernels.unpack_codes(self.packed, n)
         if self.backend == "cpu" and _cpu_decoder_ok():
             return _decode_cpu_layout(self.packed, n, kp, torch.backends.cpu.get_cpu_capability())
         return _probe_codes(self.packed, n, kp, self.backend)
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scales, zeros)`` bf16 ``[N, Kp / g]``."""
+        if self.backend == "effroll":
+            return kernels.unpack_scales_zeros(self.scales_and_zeros, self.out_features)
         return self.scales_and_zeros[..., 0].T, self.scales_and_zeros[..., 1].T
 
     def quantized_weight(self) -> QuantizedWeight:
@@ -323,6 +356,14 @@ class Int4Linear(nn.Module):
 
     # -- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "effroll":  # first and lean: eager decode steps call this ~120 times (M = 0 is fine too)
+            x2 = x.reshape(-1, self.in_features)
+            y = self._op(x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16), self.packed,
+                         self.scales_and_zeros, self.group_size, self.out_features).view(*x.shape[:-1], self.out_features)
+            if x.dtype != torch.bfloat16:
+                y = y.to(x.dtype)
+            bias = self.bias
+            return y if bias is None else y + bias.to(x.dtype)
         out_shape = x.shape[:-1] + (self.out_features,)
         if self.backend is None:
             s, z = self.scales_zeros()

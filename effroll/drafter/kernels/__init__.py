@@ -1,0 +1,162 @@
+"""effroll's CPU INT4 GEMM (``torch.ops.effroll.int4_mm``): build-on-first-use loader, packing, op wrapper.
+
+The C++ source (``int4_gemm.cpp``, AVX2 + FMA) is compiled once per source/flags/torch version into
+``<EFFROLL_CACHE or ~/.cache/effroll>/kernels/int4_gemm-<hash>/`` and later processes load the cached
+library without invoking the compiler. The op has a fake implementation, so ``torch.compile`` keeps it
+as one opaque node. Layout (see the C++ header comment): ``packed`` uint8 ``[T, Kp, 8]`` with
+``T = ceil(N / 16)`` tiles of 16 output rows, ``scales_zeros`` bf16 ``[T, G, 2, 16]``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+TILE = 16
+_SRC = Path(__file__).with_name("int4_gemm.cpp")
+_CFLAGS = ["-O3", "-DNDEBUG"]  # no -fopenmp: parallel_for is torch's (stable ABI), on torch's own thread pool
+_LDFLAGS: list[str] = []
+_NAME = "effroll_int4_gemm"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool, "error": str, "build_s": float
+
+
+def build_dir() -> Path:
+    """Where the compiled library lives: keyed by the source, the flags and the torch build."""
+    from effroll.checkpoints import cache_dir
+
+    key = hashlib.sha256()
+    for part in (_SRC.read_bytes(), repr((_CFLAGS, _LDFLAGS)).encode(), torch.__version__.encode(),
+                 str(torch.version.git_version).encode(), platform.machine().encode()):
+        key.update(part)
+    return cache_dir() / "kernels" / f"int4_gemm-{key.hexdigest()[:16]}"
+
+
+def _load() -> None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"not an x86-64 CPU ({platform.machine()})")
+    d = build_dir()
+    lib = d / f"{_NAME}.so"
+    if lib.exists():
+        torch.ops.load_library(str(lib))
+    else:
+        _build(d, lib)
+    torch.library.register_fake("effroll::int4_mm")(_int4_mm_fake)
+    if not ctypes.CDLL(str(lib)).effroll_int4_cpu_supported():
+        raise RuntimeError("this CPU lacks AVX2/FMA")
+
+
+def _build(d: Path, lib: Path) -> None:
+    """Compile (and load) in a private directory, then move the library into ``d`` in one rename: a process
+    that finds ``lib`` finds it complete, and a build that dies leaves no lock behind for others to wait on."""
+    import shutil
+    import tempfile
+    import time
+
+    from torch.utils import cpp_extension
+
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=d))
+    try:
+        t0 = time.perf_counter()
+        cpp_extension.load(_NAME, [str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=str(tmp),
+                           is_python_module=False, verbose=False)
+        _state["build_s"] = time.perf_counter() - t0
+        os.replace(tmp / lib.name, lib)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _int4_mm_fake(x, packed, scales_zeros, group_size, n):
+    return x.new_empty((x.shape[0], n))
+
+
+def available() -> bool:
+    """Whether ``torch.ops.effroll.int4_mm`` is built, loaded and usable on this CPU (builds on first call)."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _load()
+                _state["ok"] = True
+            except Exception as e:  # noqa: BLE001 - any build/load failure means: use torch's kernel
+                lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+                err = next((ln for ln in lines if "error" in ln.lower()), lines[0])
+                _state["ok"], _state["error"] = False, f"{type(e).__name__}: {err.strip()[:300]}"
+        return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (first error line of the build or load), else None."""
+    available()
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def build_seconds() -> float | None:
+    """Wall time of this process's build (None when the cached library was loaded)."""
+    return _state.get("build_s")  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- packing (vectorised, no row loops)
+
+
+def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``codes`` uint8 ``[N, Kp]`` (0..15), ``scales``/``zeros`` ``[N, G]`` -> (``packed [T, Kp, 8]``,
+    ``scales_zeros [T, G, 2, 16]`` bf16). Rows are padded to a multiple of 16 with code 0, scale 0, zero 0."""
+    n, kp = codes.shape
+    pad = -n % TILE
+    c = torch.nn.functional.pad(codes, (0, 0, 0, pad)).view(-1, TILE, kp).transpose(1, 2)  # [T, Kp, 16]
+    packed = (c[..., :8] | (c[..., 8:] << 4)).contiguous()
+    sz = torch.stack([scales.to(torch.bfloat16), zeros.to(torch.bfloat16)], 1)  # [N, 2, G]
+    sz = torch.nn.functional.pad(sz, (0, 0, 0, 0, 0, pad)).view(-1, TILE, 2, sz.shape[-1]).permute(0, 3, 2, 1)
+    return packed, sz.contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_weight` for the codes: uint8 ``[n, Kp]``."""
+    t, kp, _ = packed.shape
+    return torch.cat([packed & 15, packed >> 4], -1).transpose(1, 2).reshape(t * TILE, kp)[:n]
+
+
+def unpack_scales_zeros(scales_zeros: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_weight` for the group parameters: (scales, zeros) bf16 ``[n, G]``."""
+    t, g = scales_zeros.shape[:2]
+    sz = scales_zeros.permute(0, 3, 2, 1).reshape(t * TILE, 2, g)[:n]
+    return sz[:, 0].contiguous(), sz[:, 1].contiguous()
+
+
+# --------------------------------------------------------------------------- the op
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, n: int) -> torch.Tensor:
+    """``x [M, K]`` bf16 @ the packed INT4 weight's ``[n, K]`` transpose -> bf16 ``[M, n]`` (checked arguments)."""
+    for name, t in (("x", x), ("packed", packed), ("scales_zeros", scales_zeros)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"int4_mm: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"int4_mm: {name} must be on the CPU, got {t.device}")
+    if x.dtype != torch.bfloat16 or x.dim() != 2:
+        raise TypeError(f"int4_mm: x must be a 2-D bfloat16 tensor, got {x.dim()}-D {x.dtype}")
+    if packed.dtype != torch.uint8 or packed.dim() != 3 or packed.shape[2] != 8:
+        raise ValueError(f"int4_mm: packed must be uint8 [T, Kp, 8], got {packed.dtype} {tuple(packed.shape)}")
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 8 or packed.shape[1] % group_size:
+        raise ValueError(f"int4_mm: group_size={group_size!r} must be a positive multiple of 8 dividing "
+                         f"Kp={packed.shape[1]}")
+    t, kp = packed.shape[:2]
+    want = (t, kp // group_size, 2, TILE)
+    if scales_zeros.dtype != torch.bfloat16 or tuple(scales_zeros.shape) != want:
+        raise ValueError(f"int4_mm: scales_zeros must be bfloat16 {list(want)}, got {scales_zeros.dtype} "
+                         f"{list(scales_zeros.shape)}")
+    if -(-x.shape[1] // group_size) * group_size != kp:
+        raise ValueError(f"int4_mm: x has {x.shape[1]} columns but the weight has {kp} (padded to groups of {group_size})")
+    if not isinstance(n, int) or not (t - 1) * TILE < n <= t * TILE:
+        raise ValueError(f"int4_mm: n={n!r} does not fit {t} tiles of {TILE} rows")
+    if not available():
+        raise RuntimeError(f"int4_mm: the effroll kernel is unavailable ({unavailable_reason()})")
+    return torch.ops.effroll.int4_mm(x, packed.contiguous(), scales_zeros.contiguous(), group_size, n)
