@@ -6,8 +6,8 @@ Public names load lazily so that `effroll.control` (pure logic) never imports to
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AdaptiveSpecRollout": "effroll.rollout",
-    "LLM": "effroll.rollout",
+    "AdaptiveSpecRollout": "effroll.dist.front",  # the local wrapper of effroll.rollout, plus workers=N
+    "LLM": "effroll.llm",
     "SamplingParams": "effroll.engine.sampling",
     "TorchEngine": "effroll.engine.torch_engine",
     "Plan": "effroll.engine.records",

@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 from .engine.records import StepRecord
 from .engine.sampling import SamplingParams
-from .rollout import LLM, AdaptiveSpecRollout, summarize_steps
+from .llm import LLM
+from .rollout import AdaptiveSpecRollout
+from .telemetry import summarize_steps
 
 TOPICS = ["the ocean", "a lost robot", "prime numbers", "photosynthesis", "the moon landing", "a dragon who cooks",
           "binary search", "the French revolution", "volcanoes", "a haunted library", "compound interest",
@@ -169,3 +171,38 @@ def plot_timeline(records_by_mode: dict[str, list[StepRecord]], path: str, title
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _checks_line(res: dict) -> str:
+    """Watchdog and audit: their worst overhead (share of wall time) and what they reported, per mode."""
+    modes = {m: r for m, r in res.items() if isinstance(r, dict) and "watchdog_overhead" in r and m != "ar"}
+    wd = max((r["watchdog_overhead"] for r in modes.values()), default=0.0)
+    au = [r["audit_overhead"] for r in modes.values() if r.get("audit_overhead") is not None]
+    said = [f"{m}: {r['events']} events" + (" (AUDIT FAILED)" if (r.get("audit") or {}).get("failed") else "")
+            for m, r in modes.items() if r["events"] or (r.get("audit") or {}).get("failed")]
+    return (f"health checks: watchdog overhead <= {100 * wd:.3f}% of wall time; audit "
+            + (f"overhead <= {100 * max(au):.3f}%" if au else "off (--audit)") + "; " + ("; ".join(said) or "no events"))
+
+
+def report_lines(res: dict) -> tuple[Any, list[str]]:
+    """``bench``'s result as a rich Table of the modes and the summary lines below it (``effroll bench``)."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    w = res["workload"]
+    t = Table(title=f"long-tail rollout: {w['requests']} requests, {w['tokens']} tokens, cap {w['max_tokens_cap']}, "
+                    f"max batch {w['max_batch']}, drafter {w['recipe']}, median of {w['repeats']}; controller "
+                    f"profile: {Path(w['profile']).name if w.get('profile') else 'none (learns online)'}")
+    for col in ("mode", "wall s [min-max]", "tok/s", "acceptance", "speculated", "toggles", "vs AR"):
+        t.add_column(col, justify="right")
+    for m, r in res.items():
+        if not isinstance(r, dict) or "wall_s" not in r:
+            continue
+        acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
+        t.add_row(m, f"{r['wall_s']:.1f} [{r['wall_s_min']:.1f}-{r['wall_s_max']:.1f}]", f"{r['tok_per_s']:.1f}", acc,
+                  f"{100 * r['speculative_share']:.0f}%", f"{r['toggles']:.0f}",
+                  f"{r.get('speedup_vs_ar', 1.0):.2f}x")
+    return t, [f"adaptive vs AR speed: {res['speedup_adaptive_vs_ar']:.2f}x (>1 = faster); "
+               f"adaptive / best static wall time: {res['adaptive_vs_best_static']:.2f}", _checks_line(res)]
+

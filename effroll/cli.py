@@ -58,50 +58,6 @@ def fetch(name: str, dest: str | None) -> None:
 
 
 # ----------------------------------------------------------------------------- generate
-def _read_prompts(path: str, tokenizer) -> list[list[int]]:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"prompts file {path!r} does not exist")
-    if not p.is_file():
-        raise ValueError(f"prompts file {path!r} is not a file")
-    try:
-        text = p.read_text()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompts file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' or 'prompt_token_ids'")
-        if "prompt_token_ids" in obj:
-            ids = obj["prompt_token_ids"]
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError(f"{path}:{n}: prompt_token_ids must be a list of ints, got {ids!r:.80}")
-            out.append(ids)
-        elif "prompt" in obj:
-            if tokenizer is None:
-                raise ValueError(f"{path}:{n}: text prompt given but the model has no tokenizer files; "
-                                 "use prompt_token_ids")
-            if not isinstance(obj["prompt"], str):
-                raise ValueError(f"{path}:{n}: prompt must be a string, got {obj['prompt']!r:.80}")
-            out.append(tokenizer.encode(obj["prompt"], add_special_tokens=False))
-        else:
-            raise ValueError(f"{path}:{n}: line has neither 'prompt' nor 'prompt_token_ids'")
-    if not out:
-        raise ValueError(f"prompts file {path!r} holds no prompts")
-    return out
-
-
-def request_seed(seed: int, index: int) -> int:
-    """The seed of prompt ``index`` of a ``--seed`` run; its samples s get this + s (LLM.generate's rule)."""
-    return (seed * 1_000_003 + index) * 10_007
-
-
 @main.command()
 @click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
 @click.option("--prompts", required=True, type=click.Path(), help="JSONL: 'prompt' (text) or 'prompt_token_ids'.")
@@ -125,22 +81,22 @@ def generate(model_path, prompts, out, drafter, mode, k, temperature, top_k, top
              dtype, device) -> None:
     """Generate completions with the embedded engine (AR or lossless speculative). Exit 1 when no prompt is valid."""
     from .checkpoints import resolve_device
-    from .engine.records import Plan
-    from .engine.sampling import SamplingParams
-    from .engine.torch_engine import BatchInputError
+    from .engine.records import BatchInputError, Plan
+    from .engine.sampling import SamplingParams, derive_seed
     from .fileio import atomic_write, check_writable
-    from .rollout import LLM
+    from .llm import LLM, load_drafter
+    from .requests import read_prompts_file
 
     if mode == "sd" and drafter is None:
         raise ValueError("--mode sd needs --drafter (a checkpoint directory or int4:<recipe>)")
     out_path = check_writable(out, "--out")  # before any work: a bad --out must not throw the run away
     SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens).validate(2**31)
     llm = LLM(model_path, recipe=None, max_batch=max_batch, kmax=max(k, 1), dtype=dtype, device=resolve_device(device))
-    prompt_ids = _read_prompts(prompts, llm.tokenizer)
+    prompt_ids = read_prompts_file(prompts, llm.tokenizer)
     if drafter:
-        llm.engine.set_drafter(_load_drafter(drafter, llm.model, dtype, device))
+        llm.engine.set_drafter(load_drafter(drafter, llm.model, dtype, device))
     params = [{"n": n, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_tokens": max_tokens,
-               "seed": request_seed(seed, i)} for i in range(len(prompt_ids))]
+               "seed": derive_seed(seed, i)} for i in range(len(prompt_ids))]
     try:
         results = _run_with_progress(llm, [{"prompt_token_ids": p} for p in prompt_ids], params,
                                      Plan(k if mode == "sd" else 0), total=n * len(prompt_ids))
@@ -163,17 +119,6 @@ def generate(model_path, prompts, out, drafter, mode, k, temperature, top_k, top
                err=True)
     if n_err == len(comps):
         sys.exit(1)
-
-
-def _load_drafter(spec: str, model, dtype, device):
-    from .checkpoints import load_model
-
-    if spec.startswith("int4:"):
-        from .drafter.derive import derive_drafter
-        from .drafter.recipe import load_recipe
-
-        return derive_drafter(model, load_recipe(spec[len("int4:"):]))
-    return load_model(spec, dtype=dtype, device=device)
 
 
 def _run_with_progress(llm, prompts, params, plan, total):
@@ -224,9 +169,9 @@ def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, calib_promp
     """Acceptance, KL, weight error, refresh time, size and step time of INT4 drafter recipes."""
     from .bench import make_workload
     from .drafter.recipe import load_recipe
-    from .drafter.report import drafter_report
+    from .drafter.report import drafter_report, report_table
     from .drafter.sampling import sample_continuations
-    from .rollout import LLM
+    from .llm import LLM
 
     for r in recipes:
         load_recipe(r)  # fail fast on a bad recipe, before loading anything heavy
@@ -259,26 +204,11 @@ def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, calib_promp
             if as_json:
                 click.echo(json.dumps({k: v for k, v in rep.items()
                                        if isinstance(v, (int, float, str, bool, type(None)))}))
-    if as_json:
-        return
-    from rich.console import Console
-    from rich.table import Table
+    if not as_json:
+        from rich.console import Console
 
-    t = Table(title=f"INT4 drafters of {Path(model_path).name} ({n_prompts} prompts x {tokens} tokens, T=1.0)")
-    cols = ["recipe", "acceptance", "KL", "weight err", "refresh s", "bytes vs target", "step speedup (K=1 / K=4)"]
-    if compile_drafter:
-        cols[-1] = "compiled step speedup (K=1 / K=4)"
-        cols.append("eager step speedup (K=1 / K=4)")
-    for col in cols:
-        t.add_column(col, justify="right")
-    for rep in rows:
-        cells = [rep["recipe"], f"{rep['acceptance']:.3f}", f"{rep['kl']:.3f}", f"{rep['weight_rel_err']:.3f}",
-                 f"{rep['refresh_s']:.2f}", f"{rep['drafter_bytes'] / rep['target_bytes']:.2f}x",
-                 f"{rep['step_speedup']:.2f}x / {rep['step_speedup_run4']:.2f}x"]
-        if compile_drafter:
-            cells.append(f"{rep['step_speedup_eager']:.2f}x / {rep['step_speedup_run4_eager']:.2f}x")
-        t.add_row(*cells)
-    Console().print(t)
+        Console().print(report_table(rows, f"INT4 drafters of {Path(model_path).name} ({n_prompts} prompts x {tokens} "
+                                           "tokens, T=1.0)", compile_drafter))
 
 
 # ----------------------------------------------------------------------------- verify
@@ -301,14 +231,14 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
                as_json) -> None:
     """Statistical lossless check: speculative path vs AR path of the same engine (exit 1 on failure)."""
     from .bench import make_workload
-    from .rollout import LLM
-    from .verify import run_verify
+    from .checks.verify import TorchEngineUnderTest, VLLMEngineUnderTest, run_verify
+    from .llm import LLM, load_drafter
 
     if engine_name == "vllm":
         import tempfile
 
         from .drafter.export import export_drafter
-        from .engine.vllm_engine import VLLMEngine, VLLMEngineUnderTest, vllm_available
+        from .engine.vllm import VLLMEngine, vllm_available
 
         ok, why = vllm_available()
         if not ok:
@@ -316,7 +246,7 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
         if mode != "sd":
             raise ValueError("--engine vllm supports --mode sd only (vLLM speculates with one K per step)")
         llm = LLM(model_path, recipe=None, dtype=dtype)
-        d = _load_drafter(drafter, llm.model, dtype, None)
+        d = load_drafter(drafter, llm.model, dtype, None)
         out = tempfile.mkdtemp(prefix="effroll-drafter-")
         export_drafter(d, out, tokenizer_from=model_path)
         eut = VLLMEngineUnderTest(VLLMEngine(model_path, out, kmax=k, max_batch=max_batch))
@@ -325,10 +255,9 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
     else:
         from .control import Controller
         from .engine.records import Plan
-        from .verify import TorchEngineUnderTest
 
         llm = LLM(model_path, recipe=None, max_batch=max_batch, kmax=max(k, 8), dtype=dtype)
-        llm.engine.set_drafter(_load_drafter(drafter, llm.model, dtype, None))
+        llm.engine.set_drafter(load_drafter(drafter, llm.model, dtype, None))
         factory = (lambda: Plan(k)) if mode == "sd" else (lambda: Controller().plan)
         eut = TorchEngineUnderTest(llm.engine, factory, name=f"torch-{mode}")
         prompts = make_workload(llm, n=n_prompts, cap=8, seed=seed).prompts
@@ -457,8 +386,8 @@ def tune_cmd(model_path, recipe, out, plot, budget_s, batch_sizes, context_lens,
 def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batch, k_text, repeats, temperature,
               profile, seed, plot, as_json, dtype, audit, compile_drafter) -> None:
     """Long-tail rollout: AR vs static-K speculation vs adaptive, side by side."""
-    from .bench import bench, make_workload, plot_timeline
-    from .rollout import LLM, resolve_profile
+    from .bench import bench, make_workload, plot_timeline, report_lines
+    from .llm import LLM, profile_for
 
     ks = _parse_ints(k_text, "--k", hi=16)
     if plot:
@@ -467,7 +396,7 @@ def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batc
         check_writable(plot, "--plot")
     llm = LLM(model_path, recipe=recipe, max_batch=max_batch, kmax=max(8, max(ks)), dtype=dtype,
               max_seq_len=None, compile_drafter=compile_drafter)
-    profile, _ = resolve_profile(None if profile == "none" else profile, llm.model)
+    profile, _ = profile_for(None if profile == "none" else profile, llm.model)
     wl = make_workload(llm, n=n_prompts, cap=max_tokens, temperature=temperature, seed=seed, median=median_tokens)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -485,42 +414,12 @@ def bench_cmd(model_path, recipe, n_prompts, max_tokens, median_tokens, max_batc
     if as_json:
         click.echo(json.dumps(res))
         return
-    _print_bench_table(res)
-
-
-def _checks_line(res: dict) -> str:
-    """Watchdog and audit: their worst overhead (share of wall time) and what they reported, per mode."""
-    modes = {m: r for m, r in res.items() if isinstance(r, dict) and "watchdog_overhead" in r and m != "ar"}
-    wd = max((r["watchdog_overhead"] for r in modes.values()), default=0.0)
-    au = [r["audit_overhead"] for r in modes.values() if r.get("audit_overhead") is not None]
-    said = [f"{m}: {r['events']} events" + (" (AUDIT FAILED)" if (r.get("audit") or {}).get("failed") else "")
-            for m, r in modes.items() if r["events"] or (r.get("audit") or {}).get("failed")]
-    return (f"health checks: watchdog overhead <= {100 * wd:.3f}% of wall time; audit "
-            + (f"overhead <= {100 * max(au):.3f}%" if au else "off (--audit)") + "; " + ("; ".join(said) or "no events"))
-
-
-def _print_bench_table(res: dict) -> None:
-    from rich.table import Table
-
-    w = res["workload"]
-    t = Table(title=f"long-tail rollout: {w['requests']} requests, {w['tokens']} tokens, cap {w['max_tokens_cap']}, "
-                    f"max batch {w['max_batch']}, drafter {w['recipe']}, median of {w['repeats']}; controller "
-                    f"profile: {Path(w['profile']).name if w.get('profile') else 'none (learns online)'}")
-    for col in ("mode", "wall s [min-max]", "tok/s", "acceptance", "speculated", "toggles", "vs AR"):
-        t.add_column(col, justify="right")
-    for m, r in res.items():
-        if not isinstance(r, dict) or "wall_s" not in r:
-            continue
-        acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
-        t.add_row(m, f"{r['wall_s']:.1f} [{r['wall_s_min']:.1f}-{r['wall_s_max']:.1f}]", f"{r['tok_per_s']:.1f}", acc,
-                  f"{100 * r['speculative_share']:.0f}%", f"{r['toggles']:.0f}",
-                  f"{r.get('speedup_vs_ar', 1.0):.2f}x")
     from rich.console import Console
 
-    Console().print(t)
-    click.echo(f"adaptive vs AR speed: {res['speedup_adaptive_vs_ar']:.2f}x (>1 = faster); "
-               f"adaptive / best static wall time: {res['adaptive_vs_best_static']:.2f}")
-    click.echo(_checks_line(res))
+    table, lines = report_lines(res)
+    Console().print(table)
+    for line in lines:
+        click.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

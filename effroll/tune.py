@@ -36,7 +36,7 @@ from .engine.model import Transformer
 from .engine.records import StepRecord
 from .engine.sampling import SamplingParams
 from .engine.torch_engine import TorchEngine
-from .rollout import runtime_hardware
+from .llm import runtime_hardware
 
 DEFAULT_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 DEFAULT_CONTEXTS = (64, 256, 640)

@@ -17,7 +17,7 @@ import statistics
 
 from effroll.bench import Workload, make_workload, run_mode
 from effroll.engine.sampling import SamplingParams
-from effroll.rollout import LLM
+from effroll.llm import LLM
 
 
 def main() -> None:

@@ -63,9 +63,10 @@ def main() -> None:
 
     import ray
 
-    from effroll.dist.ray_pool import RayRolloutPool
+    from effroll.dist.pool import RayRolloutPool
     from effroll.engine.sampling import SamplingParams
-    from effroll.rollout import LLM, AdaptiveSpecRollout
+    from effroll import AdaptiveSpecRollout
+from effroll.llm import LLM
 
     torch.set_num_threads(a.threads)
     model = tiny_model() if a.model == "tiny" else a.model

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     from effroll.rl.grpo import (DrafterDrift, GreedyProbe, StepLog, build_rollout, build_trainer, chat_prompt_ids,
                                  make_rollout_func, make_telemetry_callback)
     from effroll.rl.tasks import correctness_reward, make_problems
-    from effroll.rollout import LLM
+    from effroll.llm import LLM
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from effroll.cli import main, request_seed
-from effroll.rollout import LLM
+from effroll.cli import main
+from effroll.engine.sampling import derive_seed
+from effroll.llm import LLM
 
 from test_cli_generate import save_tiny_checkpoint, write_prompts
 
@@ -133,5 +134,5 @@ def test_cli_and_library_give_the_same_tokens_for_large_seeds(ckpt, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     llm = LLM(str(ckpt), recipe=None, dtype="fp32")
     want = [c.token_ids for i, p in enumerate(prompts)
-            for c in llm.generate([p], {"n": 2, "max_tokens": 6, "seed": request_seed(10**9, i)})[0].outputs]
+            for c in llm.generate([p], {"n": 2, "max_tokens": 6, "seed": derive_seed(10**9, i)})[0].outputs]
     assert [ln["token_ids"] for ln in lines] == want

@@ -15,7 +15,7 @@ import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from effroll.drafter.derive import derive_drafter
-from effroll.engine import model as model_mod
+from effroll.engine import compiled as compiled_mod
 from effroll.engine.kv_cache import KVCache
 from effroll.engine.records import Plan
 from effroll.engine.sampling import SamplingParams
@@ -28,7 +28,7 @@ PROMPTS = [[1, 2, 3], [4, 5], [6] * 9, [7, 8, 9, 10], [11]]
 
 def graphs(model) -> int:
     """Graphs dynamo holds for ``model``'s block structure (0 if it never compiled one)."""
-    fn = model_mod._compiled.get(repr(model.layers[0]))
+    fn = compiled_mod._compiled.get(repr(model.layers[0]))
     return 0 if fn is None else len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__))
 
 
@@ -55,7 +55,7 @@ def test_compiled_decode_matches_eager_float32(batch):
     m = random_model(tiny_config(vocab=50, layers=3), seed=11, std=0.3)
     h_e, c_e = decode_steps(m, False, batch)
     h_c, c_c = decode_steps(m, True, batch)
-    assert model_mod.compile_error is None and graphs(m) >= 1
+    assert compiled_mod.compile_error is None and graphs(m) >= 1
     torch.testing.assert_close(h_c, h_e, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(c_c.k_all, c_e.k_all, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(c_c.v_all, c_e.v_all, rtol=1e-4, atol=1e-4)
@@ -69,7 +69,7 @@ def test_compiled_int4_drafter_matches_eager_bf16():
     d = derive_drafter(target, "rtn-sym-g64")
     h_e, _ = decode_steps(d, False, 3)
     h_c, _ = decode_steps(d, True, 3)
-    assert model_mod.compile_error is None and graphs(d) >= 1
+    assert compiled_mod.compile_error is None and graphs(d) >= 1
     p_e, p_c = (torch.softmax(d.logits(h), -1) for h in (h_e, h_c))
     # bf16: the fused kernels round differently; the draft distributions must still agree closely
     assert (p_e - p_c).abs().sum(-1).max().item() / 2 < 0.02
@@ -89,7 +89,7 @@ def test_graphs_are_reused_across_drafters_and_batch_sizes():
     eng.set_drafter(random_model(cfg, seed=15, std=0.3))  # a new policy's drafter: same structure
     eng.generate(PROMPTS[:2], params, plan=Plan(2))
     assert graphs(d1) == n, "a new drafter or batch size recompiled"
-    assert model_mod.compile_error is None
+    assert compiled_mod.compile_error is None
 
 
 @torch.no_grad()
@@ -102,11 +102,11 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch):
             raise RuntimeError("no C++ compiler")
         return fn
 
-    monkeypatch.setattr(model_mod, "_compiled_for", broken)
-    monkeypatch.setattr(model_mod, "compile_error", None)
+    monkeypatch.setattr(compiled_mod, "_compiled_for", broken)
+    monkeypatch.setattr(compiled_mod, "compile_error", None)
     with pytest.warns(RuntimeWarning, match="decoding eagerly.*no C\\+\\+ compiler"):
         h_c, c_c = decode_steps(m, True, 2)
-    assert "no C++ compiler" in model_mod.compile_error
+    assert "no C++ compiler" in compiled_mod.compile_error
     assert torch.equal(h_c, h_e) and torch.equal(c_c.k_all, c_e.k_all)  # eager, bit for bit
 
 

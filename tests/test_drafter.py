@@ -165,7 +165,7 @@ def test_ragged_last_group_ignores_padding():
 
 def test_fallback_for_unsupported_shape_warns_once(monkeypatch):
     monkeypatch.setenv(I.KERNEL_ENV, "torch")  # effroll's kernel takes any N; torch's needs a multiple of 16
-    I.reset_warnings()
+    __import__('effroll.once').once.forget()
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(40, 64, generator=gen)  # out_features 40: the CPU packer needs a multiple of 16
     with pytest.warns(RuntimeWarning, match="out_features=40"):
@@ -301,7 +301,7 @@ def test_derive_shares_tensors_and_matches_target(tied):
     cfg = tiny_cfg(tie_word_embeddings=tied, qkv_bias=True)
     target = tiny_model(cfg, seed=1)
     d = derive_drafter(target, "rtn-sym-g32")
-    assert isinstance(d, Transformer) and d.recipe_name == "rtn-sym-g32" and d.derive_seconds > 0
+    assert isinstance(d, Transformer) and d.meta.recipe_name == "rtn-sym-g32" and d.meta.derive_seconds > 0
     assert d.embed.weight is target.embed.weight and d.norm.weight is target.norm.weight
     assert d.lm_head.weight is target.lm_head.weight
     for a, b in zip(d.layers, target.layers):
@@ -354,7 +354,7 @@ def test_derive_bf16_target_and_lm_head_modes():
     for head, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
         d = derive_drafter(target, {"group_size": 64, "lm_head": head})
         assert isinstance(d.lm_head, cls) and d.embed.weight is target.embed.weight
-        assert "lm_head.weight" not in d.shared_names
+        assert "lm_head.weight" not in d.meta.shared_names
         assert drafter_nbytes(d) > drafter_nbytes(base)  # the quantized head is the drafter's own
         assert _acc(target, d) > 0.75  # int4 head on a 64-wide toy model: ~0.79-0.82 depending on the samples
     # leaving linears out shares them with the target
@@ -418,10 +418,10 @@ def test_derive_gptq_with_hessians_and_calibration():
     calib = [[1] + c for c in sample_continuations(target, [[1]] * 16, 32, seed=7)]
     H = collect_hessians(target, calib)
     d = derive_drafter(target, "gptq-sym-g128", hessians=H)
-    assert isinstance(d.layers[1].mlp.down, Int4Linear) and d.calib_seconds == 0
+    assert isinstance(d.layers[1].mlp.down, Int4Linear) and d.meta.calib_seconds == 0
     d2 = derive_drafter(target, "gptq-sym-g128", calibration=calib)
     torch.testing.assert_close(full_logits(d, [1, 2, 3]), full_logits(d2, [1, 2, 3]))
-    assert d2.calib_seconds > 0
+    assert d2.meta.calib_seconds > 0
     a_gptq, a_rtn = _acc(target, d), _acc(target, derive_drafter(target, "rtn-sym-g128"))
     assert a_gptq > 0.75 and a_gptq > a_rtn - 0.02, (a_gptq, a_rtn)
     H.pop("layers.1.mlp.down")
@@ -445,7 +445,7 @@ def test_gptq_int4_head_uses_the_final_hidden_states():
     torch.testing.assert_close(H1["lm_head"], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
     d = derive_drafter(target, recipe, hessians=H)
     d_rtn = derive_drafter(target, {**recipe, "method": "rtn"})
-    assert isinstance(d.lm_head, Int4Linear) and "lm_head.weight" not in d.shared_names
+    assert isinstance(d.lm_head, Int4Linear) and "lm_head.weight" not in d.meta.shared_names
     # GPTQ minimises the head's output error on the calibration states: tr((W - Wq) H (W - Wq)^T)
     w = target.lm_head.weight.float()
 

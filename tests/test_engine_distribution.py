@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from effroll.engine import model as model_mod
+from effroll.engine import compiled as compiled_mod
 from effroll.engine import sampling as sampling_mod
 from effroll.engine.kv_cache import full_logits
 from effroll.engine.records import Plan
@@ -65,7 +65,7 @@ def sample_engine(target, drafter, params, plan, n=N_SAMPLES, max_batch=500, sha
 
     def on_step(rec):
         nonlocal drafted, accepted
-        drafted += rec.drafted
+        drafted += sum(rec.k)
         accepted += rec.total_accepted
 
     outs = eng.generate([PROMPT] * n, params, plan=plan, on_step=on_step)
@@ -145,7 +145,7 @@ def test_speculative_matches_exact_distribution(tiny_pair, name, params, plan):
         drafter = copy.copy(drafter)  # same modules; the compile flag stays off the session fixture
     counts, acc = sample_engine(target, drafter, params, plan, share_kv="-owncache" not in name,
                                 compile_drafter=compiled)
-    assert not compiled or model_mod.compile_error is None
+    assert not compiled or compiled_mod.compile_error is None
     assert sum(counts.values()) == N_SAMPLES
     p = chi_square_pvalue(counts, exact, N_SAMPLES)
     assert p > ALPHA, f"{name}: chi-square p={p:.2e} (acceptance {acc})"

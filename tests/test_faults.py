@@ -12,8 +12,11 @@ import torch
 from effroll.engine import torch_engine as te
 from effroll.engine.records import Plan
 from effroll.engine.sampling import SamplingParams, stream_seed
-from effroll.engine.torch_engine import BatchInputError, TorchEngine
-from effroll.rollout import LLM, AdaptiveSpecRollout, GenerationOutput
+from effroll.engine.records import BatchInputError
+from effroll.engine.torch_engine import TorchEngine
+from effroll import AdaptiveSpecRollout
+from effroll.llm import LLM
+from effroll.requests import GenerationOutput
 
 from conftest import random_model, tiny_config
 

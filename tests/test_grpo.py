@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from effroll.rl.tasks import completion_text, correctness_reward, final_number, make_problems
-from effroll.rollout import LLM
+from effroll.llm import LLM
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -103,15 +103,15 @@ def test_keep_drafter_pins_the_old_drafter_and_stays_lossless(tiny_ckpt):
     new = {k: v + 0.05 * torch.randn_like(v) for k, v in llm.model.state_dict().items()}
     secs = llm.update_policy(new, keep_drafter=True)
     assert secs >= 0 and llm.version == 1
-    assert llm.drafter is old and old.pinned_from == 0 and old.policy_version == 1  # explicitly approved
+    assert llm.drafter is old and old.meta.pinned_from == 0 and old.meta.policy_version == 1  # explicitly approved
     assert old.embed.weight is not llm.model.embed.weight  # private copy: not moved by the new weights
     assert torch.equal(old.embed.weight, embed_before)
     assert not torch.equal(llm.model.embed.weight, embed_before)
     llm.update_policy(new, keep_drafter=True)  # idempotent pinning, still the step-0 drafter
-    assert llm.drafter is old and old.pinned_from == 0 and old.policy_version == 2
+    assert llm.drafter is old and old.meta.pinned_from == 0 and old.meta.policy_version == 2
     llm.update_policy(new)  # default: a fresh drafter derived from the current weights
-    assert llm.drafter is not old and llm.drafter.policy_version == 3
-    assert getattr(llm.drafter, "pinned_from", None) is None
+    assert llm.drafter is not old and llm.drafter.meta.policy_version == 3
+    assert llm.drafter.meta.pinned_from is None
     assert llm.drafter.embed.weight is llm.model.embed.weight
 
 
@@ -197,11 +197,11 @@ def test_optimizer_step_syncs_policy_and_refreshes_or_keeps_drafter(tiny_ckpt, t
     w = torch.cat([after[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv"])
     assert torch.equal(llm.model.layers[0].attn.qkv.weight, w)  # the engine runs the new policy
     if mode == "sd":
-        assert llm.drafter is not drafter0 and llm.drafter.policy_version == 1
+        assert llm.drafter is not drafter0 and llm.drafter.meta.policy_version == 1
         q1 = llm.drafter.layers[0].attn.qkv.state_dict()
         assert any(not torch.equal(q0[k], q1[k]) for k in q0), "drafter not re-derived from the new weights"
     else:
-        assert llm.drafter is drafter0 and drafter0.pinned_from == 0
+        assert llm.drafter is drafter0 and drafter0.meta.pinned_from == 0
         assert all(torch.equal(q0[k], v) for k, v in drafter0.layers[0].attn.qkv.state_dict().items())
     # the kept (stale) drafter is still used: the engine's stale-drafter guard accepts the explicit request
     after_sync = log.rollout([p["prompt"] for p in PROBLEMS])

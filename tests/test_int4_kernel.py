@@ -161,7 +161,7 @@ def test_torch_fallback_gives_the_same_result(monkeypatch):
 def test_unavailable_kernel_warns_once_and_uses_torch(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: False)
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: "RuntimeError: stand-in build failure")
-    I.reset_warnings()
+    __import__('effroll.once').once.forget()
     qw = quantize_rtn(torch.randn(32, 64), 32, True)
     with pytest.warns(RuntimeWarning, match="stand-in build failure"):
         lin = Int4Linear(qw)

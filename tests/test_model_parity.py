@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from effroll.engine.kv_cache import KVCache, full_logits
-from effroll.engine.model import ModelConfig, Transformer, convert_hf_state_dict, load_state
+from effroll.checkpoints import from_hf as convert_hf_state_dict, load_state
+from effroll.engine.model import ModelConfig, Transformer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}

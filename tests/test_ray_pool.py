@@ -10,10 +10,12 @@ import pytest
 import ray
 import torch
 
-from effroll.drafter.export import save_hf_checkpoint
-from effroll.dist.ray_pool import RayRolloutPool, WorkersLostError, assign, expected_work, module_digest
+from effroll.checkpoints import save_hf_checkpoint
+from effroll.digest import module_digest
+from effroll.dist.pool import RayRolloutPool, WorkersLostError, assign, expected_work
 from effroll.engine.sampling import SamplingParams, stream_seed
-from effroll.rollout import LLM, AdaptiveSpecRollout
+from effroll import AdaptiveSpecRollout
+from effroll.llm import LLM
 
 from conftest import random_model, tiny_config
 from test_engine_distribution import DEPTH, PROMPT, chi_square_pvalue, exact_distribution

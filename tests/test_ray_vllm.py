@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import ray
 
-from effroll.dist import ray_pool
-from effroll.dist.ray_pool import RayRolloutPool
-from effroll.drafter.export import export_drafter, save_hf_checkpoint
+from effroll.dist import workers as dist_workers
+from effroll.dist.pool import RayRolloutPool
+from effroll.checkpoints import save_hf_checkpoint
+from effroll.drafter.export import export_drafter
 from effroll.engine.sampling import SamplingParams
-from effroll.rollout import AdaptiveSpecRollout
+from effroll import AdaptiveSpecRollout
 
 from test_ray_pool import kill_during_generate, tokens
 from test_vllm_engine import _VLLM, _WHY, needs_vllm
@@ -40,14 +41,14 @@ def reference(ckpt, tmp_path_factory):
     if not _INT4:
         pytest.skip(_WHY_INT4)
     from effroll.checkpoints import load_model
-    from effroll.engine.vllm_engine import VLLMEngine
+    from effroll.engine.vllm import VLLMEngine
 
     d = tmp_path_factory.mktemp("ray_vllm_ref")
     export_drafter(load_model(ckpt), d / "drafter", RECIPE)
     eng = VLLMEngine(ckpt, d / "drafter", **ENGINE)
     try:
         ref = {"old": eng.generate(PROMPTS, greedy(), plan=3)}
-        eng.update_policy(vllm_tiny(7))
+        push_policy_to_vllm(eng, vllm_tiny(7), RECIPE, "gptq")
         ref["new"] = eng.generate(PROMPTS, greedy(), plan=3)
         ref["long"] = eng.generate(PROMPTS, greedy(lambda i: 100), plan=3)
     finally:
@@ -146,7 +147,7 @@ def test_bad_engine_arguments(tmp_path, monkeypatch, tiny_pair):
         RayRolloutPool(str(tmp_path), engine="tpu")
     with pytest.raises(ValueError, match="got 'tpu'"):
         AdaptiveSpecRollout(None, model=str(tmp_path), workers=2, engine="tpu")
-    monkeypatch.setattr("effroll.engine.vllm_engine.vllm_available", lambda: (False, "vllm is not importable: X"))
+    monkeypatch.setattr("effroll.engine.vllm.engine.vllm_available", lambda: (False, "vllm is not importable: X"))
     with pytest.raises(ImportError, match="engine='vllm' needs vLLM .*: vllm is not importable: X"):
         RayRolloutPool(str(tmp_path), engine="vllm")
     monkeypatch.undo()
@@ -156,4 +157,4 @@ def test_bad_engine_arguments(tmp_path, monkeypatch, tiny_pair):
         RayRolloutPool(tiny_pair[0], engine="vllm")
     with pytest.raises(ValueError, match="HF checkpoint directory"):
         RayRolloutPool(str(tmp_path), engine="vllm")  # no config.json
-    assert ray_pool.ENGINES.keys() == {"torch", "vllm"}
+    assert dist_workers.ENGINES.keys() == {"torch", "vllm"}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from effroll.engine.sampling import SamplingParams
-from effroll.rollout import LLM, AdaptiveSpecRollout
+from effroll import AdaptiveSpecRollout
+from effroll.llm import LLM
 
 from conftest import perturbed_copy, random_model, tiny_config
 from test_engine_distribution import DEPTH, PROMPT, chi_square_pvalue, exact_distribution
@@ -111,7 +112,7 @@ def test_update_policy_refreshes_drafter_and_keeps_state_on_bad_weights():
     new = {k: v + 0.05 * torch.randn_like(v) if "norm" not in k else v for k, v in llm.model.state_dict().items()}
     secs = rollout.update_policy(new)
     assert secs > 0 and llm.version == 1 and llm.drafter is not old_drafter
-    assert llm.drafter.policy_version == 1
+    assert llm.drafter.meta.policy_version == 1
     assert torch.equal(llm.model.layers[0].attn.qkv.weight, new["layers.0.attn.qkv.weight"])
     assert llm.drafter.embed.weight is llm.model.embed.weight  # shared by reference
     before = llm.model.layers[0].mlp.down.weight.clone()

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from effroll.engine.sampling import SamplingParams
-from effroll.engine.torch_engine import BatchInputError
-from effroll.rollout import LLM, AdaptiveSpecRollout
+from effroll.engine.records import BatchInputError
+from effroll import AdaptiveSpecRollout
+from effroll.llm import LLM
 
 from conftest import random_model, tiny_config
 

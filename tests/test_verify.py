@@ -13,7 +13,8 @@ from effroll.control import Controller
 from effroll.engine import sampling as sampling_mod
 from effroll.engine.records import Plan
 from effroll.engine.torch_engine import TorchEngine
-from effroll.verify import TorchEngineUnderTest, chi2_homogeneity, detectable_tv, run_verify
+from effroll.checks.stats import chi2_homogeneity, detectable_tv
+from effroll.checks.verify import TorchEngineUnderTest, run_verify
 
 PROMPTS = [[1, 2, 3], [4, 5], [6]]
 
@@ -68,7 +69,7 @@ def test_verify_cli_json_and_exit_code(tmp_path):
 
 def test_verify_cli_vllm_engine_without_vllm_is_a_clear_error(tmp_path):
     from effroll.cli import main
-    from effroll.engine.vllm_engine import vllm_available
+    from effroll.engine.vllm import vllm_available
 
     from test_cli_generate import save_tiny_checkpoint
 

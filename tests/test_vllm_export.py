@@ -145,7 +145,7 @@ except Exception as e:  # ImportError, or a broken install (e.g. a mismatched to
     _VLLM, _WHY = False, f"vllm is not importable ({type(e).__name__}: {e}); install: scripts/install_vllm_cpu.sh"
 needs_vllm = pytest.mark.skipif(not _VLLM, reason=_WHY)
 if _VLLM:
-    from effroll.engine.vllm_engine import vllm_int4_draft_support
+    from effroll.engine.vllm import vllm_int4_draft_support
 
     _INT4, _WHY_INT4 = vllm_int4_draft_support()
 else:

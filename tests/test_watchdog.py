@@ -15,11 +15,13 @@ from collections import Counter
 import pytest
 import torch
 
-from effroll.audit import LosslessAuditError
+from effroll.checks.audit import LosslessAuditError
 from effroll.control.watchdog import Watchdog
-from effroll.engine.records import StepRecord
+from effroll.engine.records import DrafterMeta, StepRecord
 from effroll.engine.sampling import SamplingParams
-from effroll.rollout import LLM, AdaptiveSpecRollout, summarize_steps
+from effroll import AdaptiveSpecRollout
+from effroll.llm import LLM
+from effroll.telemetry import summarize_steps
 
 from conftest import random_model
 from test_engine_distribution import DEPTH, PROMPT, chi_square_pvalue, exact_distribution, no_residual
@@ -136,7 +138,7 @@ def test_bad_options_through_the_wrapper():
 def inject(fault, llm, rollout):
     if fault == "random weights":
         d = random_model(llm.model.cfg, seed=99, std=0.3)
-        d.policy_version = llm.version
+        d.meta = DrafterMeta(policy_version=llm.version)
         llm.engine.set_drafter(d)
     elif fault == "zeroed weights":
         zero_drafter(llm.drafter, llm.model)
@@ -146,7 +148,7 @@ def inject(fault, llm, rollout):
         rollout.update_policy({k: v + 0.3 * v.std() * torch.randn(v.shape, generator=g) if "norm" not in k else v
                                for k, v in llm.model.state_dict().items()})
         llm.engine.set_drafter(old)  # a weight sync that never swapped the drafter in
-        assert old.policy_version == llm.version - 1
+        assert old.meta.policy_version == llm.version - 1
 
 
 FAULTS = ["random weights", "zeroed weights", "old policy version"]
@@ -171,7 +173,7 @@ def test_drafter_fault_detected_within_bound_small_batch(fault):
     assert step - first_step <= bound, (fault, step - first_step, event)
     wd = rollout.stats()["watchdog"]
     assert wd["rederive"] == 1 and wd["disable"] == 0 and wd["state"] == "idle"  # the re-derived drafter passed
-    assert llm.drafter.policy_version == llm.version
+    assert llm.drafter.meta.policy_version == llm.version
     after = summarize_steps([r for r in rollout._records if r.step > step])
     assert after["acceptance"] > 0.5 * healthy, (after["acceptance"], healthy)  # acceptance is back
 

@@ -9,13 +9,13 @@
 from .acceptance import AcceptanceEstimator, expected_tokens
 from .controller import POLICIES, Controller, toggle_table
 from .cost_model import CostModel, Sample, make_sample, record_samples, sign_accuracy
-from .profile import (SCHEMA_VERSION, find_profile, hardware_fingerprint, load_profile, make_profile, save_profile,
-                      validate_profile)
+from .profile import (SCHEMA_VERSION, find_profile, hardware_fingerprint, load_profile, make_profile, resolve_profile,
+                      save_profile, validate_profile)
 
 __all__ = [
     "AcceptanceEstimator", "expected_tokens",
     "Controller", "POLICIES", "toggle_table",
     "CostModel", "Sample", "make_sample", "record_samples", "sign_accuracy",
-    "SCHEMA_VERSION", "find_profile", "hardware_fingerprint", "load_profile", "make_profile", "save_profile",
-    "validate_profile",
+    "SCHEMA_VERSION", "find_profile", "hardware_fingerprint", "load_profile", "make_profile", "resolve_profile",
+    "save_profile", "validate_profile",
 ]

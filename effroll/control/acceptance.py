@@ -36,6 +36,8 @@ from typing import Iterable
 
 import numpy as np
 
+from ..engine.records import verified_positions
+
 
 def expected_tokens(a: float, k):
     """E(a, K) = (1 - a^(K+1)) / (1 - a); K may be an int or an array of ints."""
@@ -92,7 +94,7 @@ class AcceptanceEstimator:
             if kk <= 0:
                 continue
             acc = min(max(int(acc), 0), kk)
-            n = acc + (1 if acc < kk else 0)  # verified positions
+            n = verified_positions(kk, acc)
             n_acc, n_ver = n_acc + acc, n_ver + n
             self.drafts, self.drafted = self.drafts + 1, self.drafted + kk
             reached[: min(n, self.max_position)] += 1

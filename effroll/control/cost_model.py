@@ -144,10 +144,6 @@ class CostModel:
         """``seconds`` of one target forward over B rows x T tokens (T = K + 1)."""
         self._add(make_sample("verify", B, L, T - 1, seconds))
 
-    def add_sd(self, B: float, L: float, K: int, seconds: float, catchup_tokens: int = 0) -> None:
-        """A whole SD step without a draft/verify breakdown."""
-        self._add(make_sample("sd", B, L, K, seconds, catchup_tokens))
-
     def add_samples(self, samples) -> None:
         """Add measured samples without refitting (e.g. a whole `effroll tune` sweep; call ``fit()`` after)."""
         for smp in samples:

@@ -147,3 +147,24 @@ def find_profile(model_fingerprint: str, hardware: dict, dirs=None) -> Path | No
             if all(hw.get(k) == hardware.get(k) for k in MATCH_HARDWARE if k in hw and k in hardware):
                 return path
     return None
+
+
+def resolve_profile(profile, model_fingerprint: str, hardware: dict,
+                    model_name: str | None = None) -> tuple[str | None, dict | None]:
+    """``profile`` may be None, "auto" (a shipped/EFFROLL_POLICIES profile tuned for this model architecture
+    on this kind of machine, if any), a path or a dict. Returns (source, validated profile or None); a
+    profile tuned for another architecture is a ValueError."""
+    if profile is None:
+        return None, None
+    if isinstance(profile, str) and profile == "auto":
+        path = find_profile(model_fingerprint, hardware)
+        if path is None:
+            return None, None
+        profile = path
+    source = str(profile) if isinstance(profile, (str, Path)) else "<dict>"
+    profile = load_profile(profile) if isinstance(profile, (str, Path)) else validate_profile(profile)
+    fp = profile["model"].get("fingerprint")
+    if fp and fp != model_fingerprint:
+        raise ValueError(f"profile is for model {profile['model']['name']!r} (fingerprint {fp}), not this "
+                         f"model {model_name!r} (fingerprint {model_fingerprint}); run `effroll tune` for it")
+    return source, profile

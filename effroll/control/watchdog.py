@@ -38,6 +38,8 @@ import statistics
 from collections import deque
 from typing import Any
 
+from ..engine.records import STALE_DRAFTER, WATCHDOG_DISABLE, WATCHDOG_REDERIVE, event, event_kind
+
 REDERIVE, DISABLE = "rederive", "disable"
 
 
@@ -108,16 +110,15 @@ class Watchdog:
         """Feed one StepRecord; returns ``"rederive"``, ``"disable"`` or None."""
         if self.state == "disabled":
             return None
-        stale = next((e for e in rec.events if e.startswith("stale_drafter")), None)
+        stale = next((e for e in rec.events if event_kind(e) == STALE_DRAFTER), None)
         if stale is not None:
             return self._collapse(rec.step, stale)
         if self.state != "checking":
             return None
         for k, acc in zip(rec.k, rec.accepted):
             if k > 0:
-                acc = min(max(acc, 0), k)
-                self._n += acc + (acc < k)
-                self._m += acc
+                self._n += verified_positions(k, acc)
+                self._m += min(max(acc, 0), k)
                 self._drafts += 1
         if self._n < self.window:
             return None
@@ -140,7 +141,8 @@ class Watchdog:
             self.state = "disabled"
         self.events.append({"step": step, "action": action, "reason": self.reason, "policy_version": self.version,
                             "acceptance": acceptance, "positions": self._n, "detail": detail})
-        self.pending.append(f"watchdog_{action}: {detail} (check after {self.reason}, policy v{self.version})")
+        kind = WATCHDOG_DISABLE if action == DISABLE else WATCHDOG_REDERIVE
+        self.pending.append(event(kind, f"{detail} (check after {self.reason}, policy v{self.version})"))
         return action
 
     def give_up(self, step: int, detail: str) -> str:

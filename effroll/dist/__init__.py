@@ -1,1 +1,2 @@
-"""Scale-out: ``ray_pool.RayRolloutPool`` (needs ``pip install 'effroll[ray]'``; imported on use)."""
+"""Scale-out on Ray: ``pool.RayRolloutPool`` and its ``workers`` (need ``pip install 'effroll[ray]'``), and the
+front door ``front.AdaptiveSpecRollout`` (``workers=N``), which imports them only when asked to."""

@@ -17,9 +17,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from effroll.engine.model import ModelConfig, Transformer, convert_hf_state_dict, rope_inv_freq
-
-from .gptq import HEAD, LINEAR_PATHS, collect_hessians, gptq_quantize, gptq_quantize_batch, linear_name
+from ..checkpoints import LINEAR_PATHS, check_tensors, expected_shapes, linear_name, policy_state, read_config
+from ..engine.model import ModelConfig, Transformer, rope_inv_freq
+from ..engine.records import DrafterMeta
+from .gptq import HEAD, collect_hessians, gptq_quantize, gptq_quantize_batch
 from .int4 import Int4Linear, Int8Linear, quantize_rtn
 from .recipe import LINEAR_KINDS, Recipe, load_recipe
 from .sampling import sample_continuations
@@ -27,77 +28,23 @@ from .sampling import sample_continuations
 WeightsLike = Transformer | Mapping[str, torch.Tensor] | str | Path
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        ref = Transformer(cfg)
-    shapes = {k: tuple(p.shape) for k, p in ref.named_parameters(remove_duplicate=False)}
-    if cfg.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
-
-
 def _is_shared_name(name: str) -> bool:
     return name.startswith(("embed.", "lm_head.", "norm.")) or "_norm." in name
 
 
 def _resolve(weights: WeightsLike, target: Transformer | None, cfg: ModelConfig | None):
-    """(cfg, internal-name tensors)."""
+    """(cfg, our-name tensors): checkpoints' one conversion (HF names are fused and checked there)."""
     if isinstance(weights, Transformer):
         return weights.cfg, dict(weights.named_parameters(remove_duplicate=False))
     if isinstance(weights, (str, Path)):
-        from effroll.checkpoints import read_config, read_state_dict
-
         cfg = ModelConfig.from_hf(read_config(weights))
-        return cfg, convert_hf_state_dict(cfg, read_state_dict(weights))
+        return cfg, policy_state(weights, cfg)
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a Transformer, a state dict or a checkpoint path, got {type(weights).__name__}")
     cfg = cfg or (target.cfg if target is not None else None)
     if cfg is None:
         raise ValueError("derive_drafter: a state dict needs cfg= or target= to know the architecture")
-    if any(k.startswith(("model.", "module.model.")) for k in weights):
-        _validate_hf(cfg, weights)
-        return cfg, convert_hf_state_dict(cfg, weights)
-    return cfg, dict(weights)
-
-
-def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Expected shapes of the HF tensors that get fused (q/k/v, gate/up) or renamed."""
-    D, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    per = {"self_attn.q_proj.weight": (cfg.num_heads * hd, D), "self_attn.k_proj.weight": (cfg.num_kv_heads * hd, D),
-           "self_attn.v_proj.weight": (cfg.num_kv_heads * hd, D), "self_attn.o_proj.weight": (D, cfg.num_heads * hd),
-           "mlp.gate_proj.weight": (I, D), "mlp.up_proj.weight": (I, D), "mlp.down_proj.weight": (D, I),
-           "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,)}
-    out = {f"model.layers.{i}.{k}": v for i in range(cfg.num_layers) for k, v in per.items()}
-    out.update({"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,),
-                "lm_head.weight": (cfg.vocab_size, D)})
-    return out
-
-
-def _check_tensor(k: str, v: Any, shape: tuple[int, ...]) -> None:
-    if not isinstance(v, torch.Tensor):
-        raise ValueError(f"policy weight {k!r} must be a torch.Tensor, got {type(v).__name__}")
-    if tuple(v.shape) != shape:
-        raise ValueError(f"policy weight {k!r} has shape {tuple(v.shape)}, expected {shape}")
-    # a sum is NaN/Inf if any element is (cheap); confirm element-wise, since a finite sum can overflow
-    if not bool(torch.isfinite(v.sum(dtype=torch.float32))) and not bool(torch.isfinite(v).all()):
-        raise ValueError(f"policy weight {k!r} contains NaN or Inf")
-
-
-def _validate_hf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> None:
-    """Shapes and values of the HF tensors present (missing ones are reported by the conversion)."""
-    for k, shape in _hf_shapes(cfg).items():
-        for name in (k, "module." + k):
-            if name in sd:
-                _check_tensor(name, sd[name], shape)
-
-
-def _validate(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], needed: Sequence[str]) -> None:
-    shapes = _expected_shapes(cfg)
-    for k in needed:
-        if k not in tensors:
-            raise ValueError(f"policy weights are missing key {k!r}")
-    for k in needed:
-        _check_tensor(k, tensors[k], shapes[k])
+    return cfg, policy_state(weights, cfg)
 
 
 def _param(t: torch.Tensor, device, dtype) -> nn.Parameter:
@@ -135,17 +82,17 @@ def derive_drafter(
     GPTQ recipes use ``hessians`` (``{linear_name: H}``, e.g. from a HessianCollector on the
     target's verification passes); else they are collected on ``calibration`` token sequences, else
     on sequences self-sampled from the target. Everything is validated first (missing keys, shapes,
-    NaN/Inf -> ValueError naming the key). Sets ``derive_seconds`` (wall time, including any
-    Hessian collection, which is also in ``calib_seconds``), ``recipe_name``, ``recipe``, ``shared_names``.
+    NaN/Inf -> ValueError naming the key). The drafter's ``meta`` (a ``DrafterMeta``) records the recipe,
+    the shared tensors and the derivation's wall time (``policy_version`` is the caller's to set).
     """
     t0 = time.perf_counter()
     recipe = load_recipe(recipe)
     if target is None and isinstance(weights, Transformer):
         target = weights
     cfg, tensors = _resolve(weights, target, cfg)
-    shapes = _expected_shapes(cfg)
+    shapes = expected_shapes(cfg)
     if target is not None:
-        if _expected_shapes(target.cfg) != shapes:
+        if expected_shapes(target.cfg) != shapes:
             raise ValueError("derive_drafter: the target's architecture does not match the weights' config")
         cfg = target.cfg
     linear_keys = [k for k in shapes if not _is_shared_name(k)]
@@ -157,7 +104,7 @@ def derive_drafter(
         for k, p in target.named_parameters(remove_duplicate=False):
             if _is_shared_name(k):
                 src[k] = p
-    _validate(cfg, src, needed)
+    check_tensors(shapes, src, needed)
 
     dev = torch.device(device) if device is not None else (target.device if target is not None else src["embed.weight"].device)
     dtype = target.dtype if target is not None else src["embed.weight"].dtype
@@ -242,9 +189,8 @@ def derive_drafter(
     leftover = [n for n, t in list(d.named_parameters()) + list(d.named_buffers()) if t.is_meta]
     assert not leftover, f"drafter has unbuilt tensors: {leftover}"
     d.eval()
-    d.recipe, d.recipe_name, d.shared_names = recipe, recipe.name, shared_names
-    d.calib_seconds = calib_s
-    d.derive_seconds = time.perf_counter() - t0
+    d.meta = DrafterMeta(recipe=recipe, shared_names=tuple(shared_names), calib_seconds=calib_s,
+                         derive_seconds=time.perf_counter() - t0)
     return d
 
 
@@ -271,8 +217,8 @@ def model_nbytes(model: nn.Module) -> int:
 
 def drafter_nbytes(drafter: Transformer, exclude_shared: bool = True) -> int:
     """Bytes the drafter holds; with ``exclude_shared`` the tensors it shares with its target
-    (embedding, norms, shared LM head, unquantized linears: ``drafter.shared_names``) are not counted."""
-    shared = set(getattr(drafter, "shared_names", ())) if exclude_shared else set()
+    (embedding, norms, shared LM head, unquantized linears: ``drafter.meta.shared_names``) are not counted."""
+    shared = set(drafter.meta.shared_names if drafter.meta is not None else ()) if exclude_shared else set()
     tensors = _unique_tensors(drafter).values()
     skip = {id(t) for n, t in drafter.named_parameters(remove_duplicate=False) if n in shared}
     return sum(t.numel() * t.element_size() for _, t in tensors if id(t) not in skip)

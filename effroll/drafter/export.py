@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -41,16 +40,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from effroll.engine.model import ModelConfig, Transformer
-
+from ..checkpoints import LINEAR_PATHS, to_hf, write_checkpoint
+from ..checkpoints.names import dense_writer, split_rows
+from ..engine.model import Transformer
 from .int4 import Int4Linear, Int8Linear, QuantizedWeight
 
 FORMATS = ("auto", "gptq", "compressed-tensors")
 VLLM_CPU_GROUP_SIZES = (32, 64, 128)  # marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES minus -1 (per-channel)
-HF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-           "qwen3": "Qwen3ForCausalLM"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 _PACK_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)  # nibble i of an int32 holds value i (low first)
 
 
@@ -137,61 +133,6 @@ def _convert(qw: QuantizedWeight, g2: int, integer_zp: bool) -> tuple[torch.Tens
     return q2.view(n, -1).to(torch.uint8), s, zp.to(torch.uint8), err
 
 
-def _split_rows(t: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:
-    if t is None:
-        return [None] * len(sizes)
-    return [p.clone() for p in torch.split(t, sizes, dim=0)]  # own storage: safetensors refuses shared tensors
-
-
-def _hf_parts(cfg: ModelConfig, kind: str) -> tuple[list[str], list[int]]:
-    hd = cfg.head_dim
-    if kind == "qkv":
-        return (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd])
-    if kind == "gate_up":
-        return ["mlp.gate_proj", "mlp.up_proj"], [cfg.intermediate_size, cfg.intermediate_size]
-    if kind == "o":
-        return ["self_attn.o_proj"], [cfg.hidden_size]
-    return ["mlp.down_proj"], [cfg.hidden_size]
-
-
-_OUR_PATH = {"qkv": "attn.qkv", "o": "attn.o", "gate_up": "mlp.gate_up", "down": "mlp.down"}
-
-
-def hf_config_dict(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """An HF ``config.json`` dict for ``cfg`` (over ``base``, e.g. the target's own config.json)."""
-    d = dict(base or {})
-    for k in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        d.pop(k, None)
-    d.update({
-        "architectures": [HF_ARCH.get(cfg.model_type, "LlamaForCausalLM")],
-        "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "hidden_act": "silu",
-        "torch_dtype": "bfloat16",
-    })
-    if "rope_parameters" not in d and "rope_theta" not in d:
-        d["rope_theta"] = cfg.rope_theta
-        if cfg.rope_scaling:
-            d["rope_scaling"] = dict(cfg.rope_scaling)
-    if cfg.model_type == "llama":
-        d.setdefault("attention_bias", cfg.qkv_bias)
-        d.setdefault("mlp_bias", cfg.mlp_bias)
-    if cfg.eos_token_ids and "eos_token_id" not in d:
-        d["eos_token_id"] = list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0]
-    if cfg.bos_token_id is not None:
-        d.setdefault("bos_token_id", cfg.bos_token_id)
-    return d
-
-
 def _is_int4(m: nn.Module) -> bool:
     return isinstance(m, Int4Linear)
 
@@ -200,7 +141,7 @@ def checkpoint_group_size(drafter: Transformer) -> int:
     """The single group size g' the checkpoint uses: gcd of the recipe's g and every quantized in_features."""
     gs, ks = set(), set()
     for layer in drafter.layers:
-        for kind, path in _OUR_PATH.items():
+        for path in LINEAR_PATHS.values():
             m = layer.get_submodule(path)
             if _is_int4(m):
                 gs.add(m.group_size)
@@ -218,83 +159,57 @@ def checkpoint_group_size(drafter: Transformer) -> int:
     return g2
 
 
-def _hf_tensors(model: Transformer, fmt: str | None, g2: int, symmetric: bool):
-    """HF-named tensors of ``model`` (fmt None: every linear dense, as the model computes it)."""
-    cfg = model.cfg
+def _hf_tensors(model: Transformer, fmt: str, g2: int, symmetric: bool):
+    """HF-named tensors of the drafter: INT4 linears packed in ``fmt`` (split into the HF q/k/v, gate/up),
+    every other tensor dense in the model dtype; plus what the report needs."""
     dt = model.dtype
-    sd: dict[str, torch.Tensor] = {}
     unquantized: list[str] = []
-    max_err = 0.0
-    nq = 0
+    stats = {"max_err": 0.0, "nq": 0}
 
-    def put_dense(name: str, w: torch.Tensor, b: torch.Tensor | None):
-        sd[f"{name}.weight"] = w.detach().to(dt).contiguous()
-        if b is not None:
-            sd[f"{name}.bias"] = b.detach().to(dt).contiguous()
-        unquantized.append(name)
+    dense = dense_writer(dt)
 
-    def put_q(name: str, q: _QLinear):
-        n, k = q.codes.shape
-        if n % 32 or k % 32:
-            raise ValueError(f"export_drafter: {name} is {n}x{k}; vLLM-CPU's W4A16 kernel needs multiples of 32")
-        if fmt == "gptq":
-            sd[f"{name}.qweight"] = pack_int4_cols(q.codes.T.contiguous())  # [K/8, N]
-            sd[f"{name}.scales"] = q.scales.T.contiguous().to(dt)  # [K/g', N]
-            # GPTQ v1 stores zero - 1 (= 7 for symmetric 4-bit); vLLM ignores qzeros for sym=True.
-            sd[f"{name}.qzeros"] = pack_int4_rows(torch.full((k // g2, n), 7, dtype=torch.uint8))
-            sd[f"{name}.g_idx"] = (torch.arange(k, dtype=torch.int32) // g2)
-        else:
-            sd[f"{name}.weight_packed"] = pack_int4_rows(q.codes)  # [N, K/8]
-            sd[f"{name}.weight_scale"] = q.scales.contiguous().to(dt)  # [N, K/g']
-            sd[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
-            if q.zp is not None:
-                sd[f"{name}.weight_zero_point"] = pack_int4_cols(q.zp)  # [N/8, K/g']
-        if q.bias is not None:
-            sd[f"{name}.bias"] = q.bias.detach().to(dt).contiguous()
+    def write(prefix: str, m: nn.Module, names: list[str], sizes: list[int]) -> dict[str, torch.Tensor]:
+        if not _is_int4(m):
+            unquantized.extend(prefix + nm for nm in names)
+            return dense(prefix, m, names, sizes)
+        bias = getattr(m, "bias", None)
+        out: dict[str, torch.Tensor] = {}
+        codes, sc, zp, err = _convert(m.quantized_weight(), g2, integer_zp=not symmetric)
+        stats["max_err"] = max(stats["max_err"], err)
+        for nm, c, s_, z, b in zip(names, split_rows(codes, sizes), split_rows(sc, sizes), split_rows(zp, sizes),
+                                   split_rows(bias, sizes)):
+            out.update(_packed(f"{prefix}{nm}", _QLinear(c, s_, z, b), fmt, g2, dt))
+            stats["nq"] += 1
+        return out
 
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        for kind, path in _OUR_PATH.items():
-            m = layer.get_submodule(path)
-            names, sizes = _hf_parts(cfg, kind)
-            bias = getattr(m, "bias", None)
-            if _is_int4(m) and fmt is None:
-                for nm, wp, b in zip(names, _split_rows(m.dequantize(dt), sizes), _split_rows(bias, sizes)):
-                    put_dense(p + nm, wp, b)
-            elif _is_int4(m):
-                codes, s, zp, err = _convert(m.quantized_weight(), g2, integer_zp=not symmetric)
-                max_err = max(max_err, err)
-                parts = zip(names, _split_rows(codes, sizes), _split_rows(s, sizes),
-                            _split_rows(zp, sizes), _split_rows(bias, sizes))
-                for nm, c, sc, z, b in parts:
-                    put_q(p + nm, _QLinear(c, sc, z, b))
-                    nq += 1
-            else:
-                if isinstance(m, Int8Linear):
-                    w = (m.weight.float() * m.scales.float()[:, None]).to(dt)
-                else:
-                    w = m.weight
-                for nm, wp, b in zip(names, _split_rows(w, sizes), _split_rows(bias, sizes)):
-                    put_dense(p + nm, wp, b)
-        norms = {"input_layernorm": layer.attn_norm, "post_attention_layernorm": layer.mlp_norm,
-                 "self_attn.q_norm": layer.attn.q_norm, "self_attn.k_norm": layer.attn.k_norm}
-        for hf, mod in norms.items():
-            if mod is not None:
-                sd[p + hf + ".weight"] = mod.weight.detach().to(dt).contiguous()
-    sd["model.embed_tokens.weight"] = model.embed.weight.detach().to(dt).contiguous()
-    sd["model.norm.weight"] = model.norm.weight.detach().to(dt).contiguous()
-
+    sd = to_hf(model, write)
     head = model.lm_head
-    if isinstance(head, Int4Linear):
-        head_mode, head_w = "int4 (written dequantized)", head.dequantize(dt)
-    elif isinstance(head, Int8Linear):
-        head_mode, head_w = "int8 (written dequantized)", (head.weight.float() * head.scales.float()[:, None]).to(dt)
+    head_mode = ("int4 (written dequantized)" if isinstance(head, Int4Linear) else
+                 "int8 (written dequantized)" if isinstance(head, Int8Linear) else "shared")
+    return sd, unquantized, stats["max_err"], stats["nq"], head_mode
+
+
+def _packed(name: str, q: _QLinear, fmt: str, g2: int, dt: torch.dtype) -> dict[str, torch.Tensor]:
+    """One HF linear's tensors in GPTQ or compressed-tensors W4A16 layout."""
+    n, k = q.codes.shape
+    if n % 32 or k % 32:
+        raise ValueError(f"export_drafter: {name} is {n}x{k}; vLLM-CPU's W4A16 kernel needs multiples of 32")
+    sd: dict[str, torch.Tensor] = {}
+    if fmt == "gptq":
+        sd[f"{name}.qweight"] = pack_int4_cols(q.codes.T.contiguous())  # [K/8, N]
+        sd[f"{name}.scales"] = q.scales.T.contiguous().to(dt)  # [K/g', N]
+        # GPTQ v1 stores zero - 1 (= 7 for symmetric 4-bit); vLLM ignores qzeros for sym=True.
+        sd[f"{name}.qzeros"] = pack_int4_rows(torch.full((k // g2, n), 7, dtype=torch.uint8))
+        sd[f"{name}.g_idx"] = (torch.arange(k, dtype=torch.int32) // g2)
     else:
-        head_mode, head_w = "shared", head.weight
-    tied = head_w is model.embed.weight
-    if not tied:
-        sd["lm_head.weight"] = head_w.detach().to(dt).contiguous()
-    return sd, unquantized, max_err, nq, head_mode, tied
+        sd[f"{name}.weight_packed"] = pack_int4_rows(q.codes)  # [N, K/8]
+        sd[f"{name}.weight_scale"] = q.scales.contiguous().to(dt)  # [N, K/g']
+        sd[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        if q.zp is not None:
+            sd[f"{name}.weight_zero_point"] = pack_int4_cols(q.zp)  # [N/8, K/g']
+    if q.bias is not None:
+        sd[f"{name}.bias"] = q.bias.detach().to(dt).contiguous()
+    return sd
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -331,9 +246,8 @@ def export_drafter(
         model = derive_drafter(model, recipe, **derive_kwargs)
     if not isinstance(model, Transformer):
         raise TypeError(f"export_drafter: expected an effroll Transformer, got {type(model).__name__}")
-    cfg = model.cfg
     g2 = checkpoint_group_size(model)
-    int4s = [m for layer in model.layers for m in (layer.get_submodule(p) for p in _OUR_PATH.values()) if _is_int4(m)]
+    int4s = [m for layer in model.layers for m in (layer.get_submodule(p) for p in LINEAR_PATHS.values()) if _is_int4(m)]
     g = int4s[0].group_size
     symmetric = all(bool((m.scales_zeros()[1] == 0).all()) for m in int4s)
     if fmt == "auto":
@@ -350,29 +264,13 @@ def export_drafter(
                       "(not bit-exact with the in-memory drafter; see ExportReport.max_abs_weight_diff)",
                       RuntimeWarning, stacklevel=2)
 
-    sd, unquantized, max_err, nq, head_mode, tied = _hf_tensors(model, fmt, g2, symmetric)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in out.glob("*.safetensors"):
-        f.unlink()
-    from safetensors.torch import save_file
-
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-
-    base = dict(hf_config) if hf_config is not None else None
-    if base is None and source and (Path(source) / "config.json").is_file():
-        base = json.loads((Path(source) / "config.json").read_text())
-    conf = hf_config_dict(cfg, base)
-    conf["tie_word_embeddings"] = tied
+    sd, unquantized, max_err, nq, head_mode = _hf_tensors(model, fmt, g2, symmetric)
     if fmt == "gptq":
-        conf["quantization_config"] = {
-            "quant_method": "gptq", "bits": 4, "group_size": g2, "sym": True, "desc_act": False,
-            "static_groups": False, "true_sequential": True, "lm_head": False, "damp_percent": 0.01,
-            "checkpoint_format": "gptq",
-        }
+        qconf = {"quant_method": "gptq", "bits": 4, "group_size": g2, "sym": True, "desc_act": False,
+                 "static_groups": False, "true_sequential": True, "lm_head": False, "damp_percent": 0.01,
+                 "checkpoint_format": "gptq"}
     else:
-        conf["quantization_config"] = {
+        qconf = {
             "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {
                 "targets": ["Linear"],
@@ -383,13 +281,15 @@ def export_drafter(
             "ignore": ["lm_head"] + unquantized,
             "kv_cache_scheme": None,
         }
-    (out / "config.json").write_text(json.dumps(conf, indent=2))
-    _copy_tokenizer(tokenizer_from if tokenizer_from is not None else source, out)
+    src = type("Source", (), {"cfg": model.cfg, "source_path": source})()  # the target's config and tokenizer
+    out = write_checkpoint(src, sd, out_dir, hf_config=hf_config, tokenizer_from=tokenizer_from,
+                           extra_config={"quantization_config": qconf})
 
     rep = ExportReport(
         path=str(out), format=fmt, group_size=g2, recipe_group_size=g, symmetric=symmetric,
         exact=symmetric, max_abs_weight_diff=max_err, quantized_modules=nq, unquantized_modules=unquantized,
-        lm_head=head_mode, seconds=time.perf_counter() - t0, recipe=getattr(model, "recipe_name", None),
+        lm_head=head_mode, seconds=time.perf_counter() - t0,
+        recipe=model.meta.recipe_name if model.meta is not None else None,
     )
     (out / "effroll_export.json").write_text(json.dumps(asdict(rep), indent=2))
     return rep
@@ -409,41 +309,3 @@ def dequantize_checkpoint_linear(tensors: Mapping[str, torch.Tensor], name: str,
     n, k = codes.shape
     w = (codes.float().view(n, -1, group_size) - zp[..., None]) * s[..., None]
     return w.view(n, k)
-
-
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """``model``'s weights under HF Llama-family names, dense (INT4/INT8 linears dequantized), in the
-    model dtype; ``lm_head.weight`` only when untied. What ``vllm``'s ``model.load_weights`` takes."""
-    return _hf_tensors(model, None, 0, True)[0]
-
-
-def save_hf_checkpoint(model: Transformer, out_dir: str | Path, *, hf_config: Mapping[str, Any] | None = None,
-                       tokenizer_from: str | Path | None = None) -> Path:
-    """Write ``model`` as a dense (bf16) HF checkpoint directory (config.json + model.safetensors)."""
-    from safetensors.torch import save_file
-
-    sd, _, _, _, _, tied = _hf_tensors(model, None, 0, True)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in out.glob("*.safetensors"):
-        f.unlink()
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    source = getattr(model, "source_path", None)
-    base = dict(hf_config) if hf_config is not None else None
-    if base is None and source and (Path(source) / "config.json").is_file():
-        base = json.loads((Path(source) / "config.json").read_text())
-    conf = hf_config_dict(model.cfg, base)
-    conf["tie_word_embeddings"] = tied
-    (out / "config.json").write_text(json.dumps(conf, indent=2))
-    _copy_tokenizer(tokenizer_from if tokenizer_from is not None else source, out)
-    return out
-
-
-def _copy_tokenizer(src: str | Path | None, out: Path) -> None:
-    if src is None:
-        return
-    src = Path(src)
-    if src.is_dir() and src.resolve() != out.resolve():
-        for f in TOKENIZER_FILES:
-            if (src / f).is_file():
-                shutil.copy2(src / f, out / f)

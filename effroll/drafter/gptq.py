@@ -30,16 +30,11 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..checkpoints import LINEAR_PATHS, linear_name
 from .int4 import QuantizedWeight, group_params, pad_columns
 from .recipe import LINEAR_KINDS, Recipe
 
-LINEAR_PATHS = {"qkv": "attn.qkv", "o": "attn.o", "gate_up": "mlp.gate_up", "down": "mlp.down"}
 HEAD = "lm_head"  # Hessian name (and collector pseudo-kind) of the LM head's input
-
-
-def linear_name(layer: int, kind: str) -> str:
-    """Module name of a target linear, e.g. ``layers.3.attn.qkv`` (the key of its Hessian)."""
-    return f"layers.{layer}.{LINEAR_PATHS[kind]}"
 
 
 class HessianCollector:

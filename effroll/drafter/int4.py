@@ -35,29 +35,20 @@ back to a dequantize-then-``F.linear`` path (warned once per process and reason)
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..once import warn_once
 from . import kernels
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernels accept
-_WARNED: set[str] = set()
 
 
-def warn_once(reason: str) -> None:
-    """``warnings.warn`` a message once per process per distinct ``reason``."""
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"effroll INT4: {reason}", RuntimeWarning, stacklevel=3)
-
-
-def reset_warnings() -> None:
-    """Forget which fallback reasons were already warned about (tests)."""
-    _WARNED.clear()
+def _warn(reason: str) -> None:
+    warn_once(reason, f"effroll INT4: {reason}", stacklevel=4)
 
 
 # --------------------------------------------------------------------------- quantization maths
@@ -191,7 +182,7 @@ def _backend(device: torch.device, n: int) -> str | None:
         if choice != "torch":
             if kernels.available():
                 return "effroll"
-            warn_once(f"effroll's CPU INT4 kernel is unavailable ({kernels.unavailable_reason()}); "
+            _warn(f"effroll's CPU INT4 kernel is unavailable ({kernels.unavailable_reason()}); "
                       "using torch's _weight_int4pack_mm_for_cpu")
     if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and n % 16 == 0:
         return "cpu"
@@ -300,7 +291,7 @@ class Int4Linear(nn.Module):
         self.padded_in_features, self.group_size = kp, qw.group_size
         self.backend = _backend(dev, n)
         if self.backend is None:
-            warn_once(
+            _warn(
                 f"no native INT4 kernel for out_features={n} on {dev.type} (needs a multiple of "
                 f"{16 if dev.type == 'cpu' else 8} on cpu / sm80+ cuda); using a dequantized matmul"
             )
@@ -396,11 +387,15 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = w.shape
         self.native = w.device.type == "cpu" and self.in_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         if not self.native:
-            warn_once(f"no native INT8 kernel for in_features={self.in_features} on {w.device.type}; "
+            _warn(f"no native INT8 kernel for in_features={self.in_features} on {w.device.type}; "
                       "using a dequantized matmul")
         self.register_buffer("weight", q.contiguous())
         self.register_buffer("scales", s)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``q * s`` as ``[N, K]`` in ``dtype``."""
+        return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

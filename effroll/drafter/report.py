@@ -32,7 +32,7 @@ import torch
 from effroll.engine.kv_cache import KVCache
 
 from .derive import derive_drafter, drafter_nbytes, model_nbytes
-from .gptq import LINEAR_PATHS
+from ..checkpoints import LINEAR_PATHS
 from .int4 import Int4Linear
 from .recipe import Recipe, load_recipe
 from .sampling import sample_continuations
@@ -213,7 +213,7 @@ def drafter_report(
         "kl": ak["kl"],
         "positions": ak["positions"],
         "weight_rel_err": weight_rel_err(target, drafter),
-        "refresh_s": drafter.derive_seconds,
+        "refresh_s": drafter.meta.derive_seconds,
         "calib_s": drafter.calib_seconds,
         "drafter_bytes": d_bytes,
         "drafter_bytes_total": d_total,
@@ -229,3 +229,25 @@ def drafter_report(
         "compiled": bool(compile),
         **extra,
     }
+
+
+def report_table(rows: Sequence[dict], title: str, compiled: bool = False):
+    """``drafter_report`` rows as a rich Table (``effroll drafter-report``)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    cols = ["recipe", "acceptance", "KL", "weight err", "refresh s", "bytes vs target", "step speedup (K=1 / K=4)"]
+    if compiled:
+        cols[-1] = "compiled step speedup (K=1 / K=4)"
+        cols.append("eager step speedup (K=1 / K=4)")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for rep in rows:
+        cells = [rep["recipe"], f"{rep['acceptance']:.3f}", f"{rep['kl']:.3f}", f"{rep['weight_rel_err']:.3f}",
+                 f"{rep['refresh_s']:.2f}", f"{rep['drafter_bytes'] / rep['target_bytes']:.2f}x",
+                 f"{rep['step_speedup']:.2f}x / {rep['step_speedup_run4']:.2f}x"]
+        if compiled:
+            cells.append(f"{rep['step_speedup_eager']:.2f}x / {rep['step_speedup_run4_eager']:.2f}x")
+        t.add_row(*cells)
+    return t
+

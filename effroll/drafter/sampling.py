@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from effroll.engine.sampling import SamplingParams
-from effroll.engine.torch_engine import TorchEngine
+from ..engine.sampling import SamplingParams, derive_seed
+from ..engine.torch_engine import TorchEngine
 
 
 def sample_continuations(
@@ -25,5 +25,5 @@ def sample_continuations(
         raise ValueError("sample_continuations: empty prompt")
     eng = TorchEngine(model, max_batch=len(prompts), max_seq_len=max(len(p) for p in prompts) + n_tokens + 1, kmax=0)
     params = [SamplingParams(temperature=temperature, max_tokens=n_tokens, ignore_eos=not stop_at_eos,
-                             seed=seed * 1_000_003 + i) for i in range(len(prompts))]
+                             seed=derive_seed(seed, i)) for i in range(len(prompts))]
     return [o.token_ids for o in eng.generate(prompts, params)]

@@ -30,9 +30,6 @@ class KVCache:
         for t in (self.k_all, self.v_all):
             t[:, dst, :, :length].copy_(t[:, src, :, :length])
 
-    def nbytes(self) -> int:
-        return 2 * self.k_all.numel() * self.k_all.element_size()
-
 
 @torch.no_grad()
 def full_logits(model: Transformer, token_ids: list[int] | torch.Tensor) -> torch.Tensor:

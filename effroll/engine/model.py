@@ -3,7 +3,7 @@
 One module tree, HF-compatible maths, a few deliberate layout choices for speed:
 q/k/v are fused into one ``qkv`` linear and gate/up into one ``gate_up`` linear
 (fewer kernel calls per layer at batch 1, and the INT4 drafter quantizes the
-fused matrices). ``convert_hf_state_dict`` maps HF parameter names onto ours.
+fused matrices; ``checkpoints.names`` maps HF parameter names onto ours).
 
 The forward works on a batch of rows that occupy KV-cache slots ``0..B-1``;
 row ``i`` feeds ``T`` new tokens at absolute positions ``start[i] .. start[i]+T-1``
@@ -23,6 +23,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import compiled
+from .records import DrafterMeta
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -115,10 +118,6 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=hf.get("bos_token_id"),
         )
-
-    def arch_signature(self) -> tuple:
-        """What a drafter must share with the target to draft for it."""
-        return (self.vocab_size,)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -282,56 +281,11 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-# Layers per compiled graph. Measured on SmolLM2-135M (30 layers, 2-core CPU; drafter vs target batch-1 step,
-# alternating; compile time of one graph, cold cache): 1 layer 2.09x (7 s), 5: 2.14x (16 s), 10: 2.34x (28 s),
-# 30: 2.38x (100 s); eager 1.96-2.00x. Each call of a compiled graph costs tens of microseconds of Python,
-# so a few big graphs beat one per layer; past ~10 layers compile time grows faster than the step shrinks.
-COMPILE_CHUNK = 10
-_compiled: dict[str, Any] = {}  # block structure -> compiled _blocks_step
-compile_error: str | None = None  # set when compiling failed once: every model decodes eagerly from then on
-
-
-def _blocks_step(layers, x, ctx, ks, vs):
-    for layer, kc, vc in zip(layers, ks, vs):
-        x = layer(x, ctx, kc, vc)
-    return x
-
-
-def _compiled_for(key: str):
-    """The compiled ``_blocks_step`` for one block structure. Each structure gets its own code object:
-    dynamo caches graphs (and caps recompiles, 8 by default) per code object, and one process may hold
-    several drafter recipes or test models."""
-    fn = _compiled.get(key)
-    if fn is None:
-        code = _blocks_step.__code__.replace(co_name=f"_blocks_step_{len(_compiled)}")
-        fn = _compiled[key] = torch.compile(types.FunctionType(code, _blocks_step.__globals__), dynamic=True)
-    return fn
-
-
-def _run_compiled(key: str, layers: tuple, x, ctx, ks, vs):
-    """``_blocks_step`` through ``torch.compile``.
-
-    Parameters are graph inputs, so other chunks of the same length, and a new drafter (a new policy
-    version), reuse the compiled code. If compiling or running it fails (no C++ compiler, an inductor
-    error), warn once and run eagerly from then on; a chunk that failed part-way is simply rerun (its
-    cache writes are idempotent).
-    """
-    global compile_error
-    if compile_error is None:
-        try:
-            return _compiled_for(key)(layers, x, ctx, ks, vs)
-        except Exception as e:  # noqa: BLE001 - any failure of the compiler stack falls back to eager
-            compile_error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-            warnings.warn(f"compiled decode failed, decoding eagerly from now on ({compile_error})",
-                          RuntimeWarning, stacklevel=3)
-    return _blocks_step(layers, x, ctx, ks, vs)
-
-
 class Transformer(nn.Module):
     """Decoder-only Llama-family model that reads and writes an external KV cache.
 
     ``compile_decode = True`` runs single-token forwards (T = 1: decode and draft steps) through
-    ``torch.compile``d chunks of ``COMPILE_CHUNK`` layers (CPU; the engine's ``compile_drafter``).
+    ``torch.compile``d chunks of layers (``engine.compiled``; CPU; the engine's ``compile_drafter``).
     Inductor fuses the blocks' glue (norms, RoPE, cache writes, residuals, SiLU) into C++ loops.
     Numerically it is a different (equally valid) forward, which is why the engine offers it for
     drafters only: any draft distribution is lossless, and the target's logprobs stay those of the
@@ -340,6 +294,7 @@ class Transformer(nn.Module):
 
     compile_decode: bool = False
     _compile_key: str | None = None
+    meta: DrafterMeta | None = None  # set on derived drafters (drafter.derive)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -418,13 +373,9 @@ class Transformer(nn.Module):
         ctx = ForwardCtx(rows=rows, row0=row0, pos=pos, span=span, mask=mask, cos=cos, sin=sin)
         x = self.embed(tokens)
         if self.compile_decode and T == 1:
-            n = len(self.layers)
-            c = math.ceil(n / math.ceil(n / COMPILE_CHUNK))  # equal chunks of <= COMPILE_CHUNK layers: one graph
             if self._compile_key is None:  # partitions dynamo's caches only (guards keep every graph correct)
                 self._compile_key = repr(self.layers[0])  # names every submodule with its shapes
-            layers, key = tuple(self.layers), self._compile_key
-            for i in range(0, n, c):
-                x = _run_compiled(key, layers[i : i + c], x, ctx, cache.k[i : i + c], cache.v[i : i + c])
+            x = compiled.run_layers(self._compile_key, tuple(self.layers), x, ctx, cache)
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, ctx, cache.k[i], cache.v[i])
@@ -479,107 +430,3 @@ class KVCacheLike:  # documentation only: what Transformer.forward needs from a 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     capacity: int
-
-
-HF_LAYER_MAP = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "mlp_norm.weight",
-    "self_attn.o_proj.weight": "attn.o.weight",
-    "self_attn.o_proj.bias": "attn.o.bias",
-    "self_attn.q_norm.weight": "attn.q_norm.weight",
-    "self_attn.k_norm.weight": "attn.k_norm.weight",
-    "mlp.down_proj.weight": "mlp.down.weight",
-    "mlp.down_proj.bias": "mlp.down.bias",
-}
-
-
-def convert_hf_state_dict(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map an HF Llama-family state dict onto our parameter names (fusing qkv and gate/up).
-
-    Raises ValueError naming the first missing key, unexpected shape or non-finite tensor.
-    """
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def get(name: str) -> torch.Tensor:
-        if name not in sd:
-            raise ValueError(f"policy weights are missing key {name!r}")
-        used.add(name)
-        return sd[name]
-
-    out["embed.weight"] = get("model.embed_tokens.weight")
-    out["norm.weight"] = get("model.norm.weight")
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = get("lm_head.weight")
-    for i in range(cfg.num_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        out[q + "attn.qkv.weight"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], 0)
-        if cfg.qkv_bias:
-            out[q + "attn.qkv.bias"] = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], 0)
-        out[q + "mlp.gate_up.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
-        if cfg.mlp_bias:
-            out[q + "mlp.gate_up.bias"] = torch.cat([get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")], 0)
-        for hf_name, ours in HF_LAYER_MAP.items():
-            if hf_name.endswith("bias") and not ((cfg.o_bias and "o_proj" in hf_name) or (cfg.mlp_bias and "mlp" in hf_name)):
-                continue
-            if "_norm" in hf_name and "layernorm" not in hf_name and not cfg.qk_norm:
-                continue
-            out[q + ours] = get(p + hf_name)
-    # Every key must be used: a deeper model or a renamed tensor would otherwise be dropped in silence.
-    # Derived buffers (HF's rotary inv_freq) and a tied head's second name carry no weights of their own.
-    extra = [k for k in sd if k not in used and not k.endswith("rotary_emb.inv_freq")
-             and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if extra:
-        layers = sorted({int(k.split(".")[2]) for k in extra if k.startswith("model.layers.") and k.split(".")[2].isdigit()})
-        hint = (f" (layers {layers[0]}..{layers[-1]}: the target has {cfg.num_layers} layers)" if layers else "")
-        raise ValueError(f"policy weights hold key {extra[0]!r} that the target does not have{hint} "
-                         f"({len(extra)} unexpected)")
-    return out
-
-
-def check_state(model: Transformer, sd: Mapping[str, torch.Tensor], check_finite: bool = True) -> dict[str, nn.Parameter]:
-    """Check an internal-name state dict against ``model``'s architecture as a whole: exactly its keys
-    (a tied head may be given or left out), every shape, a floating-point dtype, finite values. Raises
-    ValueError/TypeError naming the first offending key; returns ``model``'s parameters by name."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    optional = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
-    missing = [k for k in params if k not in sd and k not in optional]
-    if missing:
-        raise ValueError(f"policy weights are missing key {missing[0]!r} ({len(missing)} missing)")
-    extra = [k for k in sd if k not in params]
-    if extra:
-        layers = sorted({int(k.split(".")[1]) for k in extra if k.startswith("layers.") and k.split(".")[1].isdigit()})
-        hint = (f" (layers {layers[0]}..{layers[-1]}: the target has {model.cfg.num_layers} layers)" if layers else "")
-        raise ValueError(f"policy weights hold key {extra[0]!r} that the target does not have{hint} "
-                         f"({len(extra)} unexpected)")
-    for k, t in params.items():
-        if k not in sd:
-            continue
-        v = sd[k]
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"policy weight {k!r} must be a torch.Tensor, got {type(v).__name__}")
-        if not v.is_floating_point():
-            raise TypeError(f"policy weight {k!r} has dtype {v.dtype}; expected a floating-point tensor")
-        if tuple(v.shape) != tuple(t.shape):
-            raise ValueError(f"policy weight {k!r} has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
-        if check_finite and not torch.isfinite(v).all():
-            raise ValueError(f"policy weight {k!r} contains NaN or Inf")
-    if model.cfg.tie_word_embeddings:
-        params.pop("lm_head.weight", None)  # the embedding's own parameter object
-    return params
-
-
-def load_state(model: Transformer, sd: Mapping[str, torch.Tensor], check_finite: bool = True) -> None:
-    """Copy an internal-name state dict into ``model`` in place, after :func:`check_state`.
-
-    Everything is validated before anything is copied, so a bad state dict leaves ``model`` untouched.
-    """
-    copy_state(check_state(model, sd, check_finite), sd)
-
-
-def copy_state(params: Mapping[str, nn.Parameter], sd: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``sd`` into the parameters :func:`check_state` returned (in place; casts to their dtype)."""
-    with torch.no_grad():
-        for k, t in params.items():
-            t.copy_(sd[k])

@@ -1,14 +1,14 @@
-"""Torch-free records exchanged between the engine and the controller.
+"""Torch-free records exchanged between the engines, the controller and the callers.
 
-`StepRecord` is what the engine reports after every step; `Plan` is what the
-controller (or a caller) asks the next step to do. Neither imports torch, so the
+`Plan` is what the controller (or a caller) asks the next step to do; `StepRecord` is what the
+engine reports after it; `RequestOutput` is a finished request. None imports torch, so the
 controller package stays pure logic and unit-testable without a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,31 @@ class Plan:
 
 
 AR = Plan(0)
+
+
+def verified_positions(k: int, accepted: int) -> int:
+    """Draft positions a verification decided for a row that drafted ``k`` and had ``accepted`` accepted:
+    every accepted one plus the first rejected one, if any (the acceptance rate's denominator)."""
+    if k <= 0:
+        return 0
+    a = min(max(accepted, 0), k)
+    return a + (a < k)
+
+
+# Event kinds: a step record's ``events`` are "kind: detail" strings, matched by kind.
+STALE_DRAFTER = "stale_drafter"  # the drafter belongs to another policy version: the step ran AR
+STEP_ERROR = "step_error"  # a step raised: its rows were retried one at a time
+WATCHDOG_REDERIVE = "watchdog_rederive"  # acceptance collapsed: the drafter is derived again
+WATCHDOG_DISABLE = "watchdog_disable"  # it did not recover: speculation off for the rollout
+AUDIT_FAILED = "audit_failed"  # the online lossless audit failed: speculation off
+
+
+def event(kind: str, detail: str) -> str:
+    return f"{kind}: {detail}"
+
+
+def event_kind(e: str) -> str:
+    return e.split(":", 1)[0]
 
 
 @dataclass
@@ -99,10 +124,6 @@ class StepRecord:
         return sum(self.emitted)
 
     @property
-    def drafted(self) -> int:
-        return sum(self.k)
-
-    @property
     def total_accepted(self) -> int:
         return sum(self.accepted)
 
@@ -135,3 +156,48 @@ class BatchView:
     @property
     def mean_context_len(self) -> float:
         return sum(self.context_lens) / len(self.context_lens) if self.context_lens else 0.0
+
+
+@dataclass
+class RequestOutput:
+    """A finished request of an engine: its tokens, the target's logprob of each, why it ended."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None  # "stop" | "length" | "error"
+    error: str | None = None
+    index: int = 0  # position in the caller's input (generate())
+
+    def to_dict(self) -> dict:
+        d = {"request_id": self.request_id, "token_ids": self.token_ids, "logprobs": self.logprobs,
+             "finish_reason": self.finish_reason}
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+class BatchInputError(ValueError):
+    """Some requests of a batch were invalid; ``outputs`` holds every result, the valid ones complete."""
+
+    def __init__(self, message: str, outputs: list):
+        super().__init__(message)
+        self.outputs = outputs
+
+
+@dataclass
+class DrafterMeta:
+    """What a derived drafter carries (``Transformer.meta``): the engine drafts with it only while
+    ``policy_version`` is the target's (None: unversioned, e.g. a hand-made drafter)."""
+
+    recipe: Any = None  # the drafter.recipe.Recipe it was derived with
+    policy_version: int | None = None
+    pinned_from: int | None = None  # update_policy(keep_drafter=True): the version it was derived for
+    shared_names: tuple[str, ...] = ()  # tensors shared with the target by reference
+    derive_seconds: float = 0.0  # wall time of the derivation, Hessian collection included
+    calib_seconds: float = 0.0  # of which collecting GPTQ Hessians
+
+    @property
+    def recipe_name(self) -> str | None:
+        return getattr(self.recipe, "name", None)

@@ -193,6 +193,15 @@ def splitmix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _lshr(z, 31)
 
 
+def derive_seed(seed: int, *index: int) -> int:
+    """The seed of item ``index`` of something seeded ``seed`` (nested: ``derive_seed(s, i, j)``): each level
+    maps ``s -> (s * 1000003 + i) * 10007``. With ``stream_seed`` and "sample j of a request seeded s is
+    seeded s + j" (``requests.expand_requests``), the one seed rule of effroll."""
+    for i in index:
+        seed = (int(seed) * 1_000_003 + int(i)) * 10_007
+    return seed
+
+
 def stream_seed(seed: int) -> int:
     """A request seed as the int64 its stream uses: ``seed`` modulo 2**64, read as two's complement.
 

@@ -1,125 +1,38 @@
 """TorchEngine: the embedded pure-PyTorch engine (CPU and CUDA).
 
-Continuous batching over a fixed number of KV-cache slots; every ``step(plan)``
-advances each active row once, with its own draft length K (K = 0: plain AR).
-
-Per-row invariants between steps (``n = len(row.tokens)``, prompt + output):
-  * the last token is *pending*: the target cache holds positions 0..n-2 (``t_len = n-1``);
-  * the drafter cache holds the first ``d_len <= n`` tokens; a speculative step first
-    feeds ``tokens[d_len:]`` to the drafter (the catch-up, merged with the first draft
-    forward: normally 1 token, 2 after a fully accepted draft, more after AR steps).
-A step: [catch-up + draft K tokens] -> one target forward over [pending, x_1..x_K]
--> batched rejection sampling -> emit, stop checks, roll both caches back by
-setting the row's lengths.
+Continuous batching over a fixed number of KV-cache slots; every ``step(plan)`` advances each
+active row once, with its own draft length K (K = 0: plain AR), through the phases of
+``spec_step``: draft K tokens (a drafter with its own cache first catches up on the tokens it
+missed, merged into its first forward), verify them in one target forward over
+[pending, x_1..x_K], accept by batched rejection sampling, emit; both caches roll back by
+setting the row's lengths (the invariants are on ``rows.Row``).
 
 Shared KV (``share_kv``, the default whenever the drafter has the target's cache geometry, as
 every self-derived INT4 drafter does): the drafter has no cache of its own. It attends to the
 *target's* K/V for the committed prefix and writes its own K/V only at the draft positions
 t_len..t_len+K-1, which the verify forward then overwrites (a layer writes its new K/V before
-it attends). So there is no catch-up at all (turning speculation on after AR steps is free, and
-so is a new drafter), the drafter sees the exact prefix, and the drafter cache's memory is
-saved. The target's computation never reads a drafter-written entry. Lossless either way: the
-acceptance rule only needs q to be the distribution each draft was sampled from.
+it attends). So there is no catch-up: turning speculation on after AR steps is free, and so is
+a new drafter. Lossless either way: the acceptance rule only needs q to be the distribution
+each draft was sampled from.
 """
 
 from __future__ import annotations
 
 import itertools
-import operator
 import threading
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 
+from . import compiled, spec_step
 from .kv_cache import KVCache
 from .model import Transformer
-from .records import AR, BatchView, Plan, StepRecord
-from .sampling import (SamplingParams, greedy_accept, process_logits, process_probs, sample_inverse_cdf,
-                       speculative_accept, stream_seed, uniforms)
-
-
-def check_prompt_ids(prompt_token_ids: Sequence[int], vocab: int, max_seq_len: int) -> list[int]:
-    """The prompt as a list of Python ints, or a ValueError/TypeError naming what is wrong with it.
-
-    Any sequence of integers is accepted (lists, tuples, 1-D numpy arrays or tensors, numpy ints)."""
-    if isinstance(prompt_token_ids, (str, bytes)):
-        raise TypeError("prompt_token_ids must be a sequence of ints, got a string (tokenize it first)")
-    if getattr(prompt_token_ids, "ndim", 1) != 1:
-        raise ValueError(f"prompt_token_ids must be 1-D, got shape {tuple(prompt_token_ids.shape)}")
-    if hasattr(prompt_token_ids, "tolist") and not isinstance(prompt_token_ids, (list, tuple)):
-        prompt_token_ids = prompt_token_ids.tolist()  # numpy / torch: one conversion, Python ints out
-    try:
-        raw = list(prompt_token_ids)
-    except TypeError:
-        raise TypeError(f"prompt_token_ids must be a sequence of ints, got {type(prompt_token_ids).__name__}") from None
-    if not raw:
-        raise ValueError("empty prompt: prompt_token_ids has no tokens")
-    ids = []
-    for t in raw:
-        try:
-            v = None if isinstance(t, bool) or type(t).__name__ == "bool_" else operator.index(t)
-        except TypeError:
-            v = None
-        if v is None or not (0 <= v < vocab):
-            raise ValueError(f"prompt token id {t!r} is not an int in [0, {vocab})")
-        ids.append(v)
-    if len(ids) >= max_seq_len:
-        raise ValueError(
-            f"prompt of {len(ids)} tokens is longer than the context: max_seq_len is {max_seq_len} "
-            f"(prompt + at least one generated token must fit)"
-        )
-    return ids
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str | None  # "stop" | "length" | "error"
-    error: str | None = None
-    index: int = 0  # position in the caller's input (generate())
-
-    def to_dict(self) -> dict:
-        d = {"request_id": self.request_id, "token_ids": self.token_ids, "logprobs": self.logprobs,
-             "finish_reason": self.finish_reason}
-        if self.error:
-            d["error"] = self.error
-        return d
-
-
-class BatchInputError(ValueError):
-    """Some requests of a batch were invalid; ``outputs`` holds every result, the valid ones complete."""
-
-    def __init__(self, message: str, outputs: list[RequestOutput]):
-        super().__init__(message)
-        self.outputs = outputs
-
-
-@dataclass
-class _Row:
-    rid: str
-    prompt: list[int]
-    params: SamplingParams
-    seed: int
-    stop_ids: frozenset[int]
-    index: int = 0
-    tokens: list[int] = field(default_factory=list)
-    out: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    t_len: int = 0  # target cache valid length
-    d_len: int = 0  # drafter cache valid length
-    rng_used: int = 0  # uniforms consumed from this request's stream
-    finish: str | None = None
-    error: str | None = None  # why a step failed for this request (finish == "error")
-
-    def remaining(self, max_seq_len: int) -> int:
-        return min(self.params.max_tokens - len(self.out), max_seq_len - len(self.tokens))
+from .records import AR, STALE_DRAFTER, STEP_ERROR, BatchInputError, BatchView, Plan, RequestOutput, StepRecord, event
+from .rows import Row, RowSnapshot, check_prompt_ids, describe
+from .sampling import SamplingParams, stream_seed
 
 
 PlanLike = Plan | int | None | Callable[[BatchView], Plan]
@@ -161,8 +74,8 @@ class TorchEngine:
         self.cache = KVCache(model.cfg, max_batch, self.capacity, model.dtype, model.device)
         self.drafter: Transformer | None = None
         self.dcache: KVCache | None = None
-        self.active: list[_Row] = []
-        self.waiting: deque[_Row] = deque()
+        self.active: list[Row] = []
+        self.waiting: deque[Row] = deque()
         self.finished: list[RequestOutput] = []
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(stream_seed(seed))
@@ -229,32 +142,9 @@ class TorchEngine:
             for r in self.active:
                 r.d_len = 0
         if drafter.compile_decode:
-            self._compile_drafter_now()
-
-    @torch.no_grad()
-    def _compile_drafter_now(self) -> None:
-        """Run the drafter's decode graphs once (batch 1 and, if it can occur, one batch > 1) so that compiling
-        happens here, timed as ``compile_s``, not inside the first speculative steps (where it would also
-        mislead the controller's step-time estimates). Cheap once compiled: graphs outlive drafters.
-
-        The forwards write K/V at position ``capacity - 2`` of the first slots, past every row's valid
-        data (``t_len <= max_seq_len - 1 < capacity - 2`` for ``kmax >= 1``), where nothing is read
-        before it is rewritten. Sizes are picked to differ from every other size the graph sees
-        (``span = capacity - 1``; a batch size other than the head counts, head dim, layer and slot
-        counts, which the cache tensor and its base carry): dynamo's duck sizing would otherwise tie
-        them together, and the next batch size would recompile.
-        """
-        if self.kmax < 1:
-            return
-        t0 = time.perf_counter()
-        d, cache = self.drafter.cfg, self.cache if self.share_kv else self.dcache
-        p = self.capacity - 2
-        taken = {d.num_kv_heads, d.num_heads, d.head_dim, d.hidden_size, d.num_layers, self.max_batch, p, p + 1, p + 2}
-        batches = [1] + [next((b for b in range(2, self.max_batch + 1) if b not in taken), self.max_batch)]
-        for b in sorted(set(batches)):
-            tok = torch.zeros(b, 1, dtype=torch.long, device=self.drafter.device)
-            self.drafter(tok, torch.full((b,), p, device=tok.device), cache, [p] * b)
-        self.compile_s = time.perf_counter() - t0
+            if self.kmax >= 1:
+                self.compile_s = compiled.warm_up(self.drafter, self.cache if self.share_kv else self.dcache,
+                                                  self.capacity, self.max_batch)
 
     # ------------------------------------------------------------------ requests
     def validate_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
@@ -279,7 +169,7 @@ class TorchEngine:
             stop = set(params.stop_token_ids)
             if not params.ignore_eos:
                 stop.update(self.cfg.eos_token_ids)
-            self.waiting.append(_Row(rid=rid, prompt=ids, params=params, seed=seed,
+            self.waiting.append(Row(rid=rid, prompt=ids, params=params, seed=seed,
                                      stop_ids=frozenset(stop), index=index, tokens=list(ids)))
         return rid
 
@@ -306,6 +196,21 @@ class TorchEngine:
         out, self.finished = self.finished, []
         return out
 
+    def snapshot(self, request_ids: Iterable[str] | None = None) -> dict[str, RowSnapshot]:
+        """Copies of the running and finished-but-unpopped requests (those in ``request_ids``, or all), by id:
+        what checks outside the engine (the online audit) may read."""
+        want = None if request_ids is None else set(request_ids)
+        out = {}
+        with self.lock:
+            for r in self.active:
+                if want is None or r.rid in want:
+                    out[r.rid] = RowSnapshot(r.rid, tuple(r.prompt), tuple(r.out), tuple(r.logprobs), r.params, False)
+            for o in self.finished:
+                if want is None or o.request_id in want:
+                    out[o.request_id] = RowSnapshot(o.request_id, tuple(o.prompt_token_ids), tuple(o.token_ids),
+                                                    tuple(o.logprobs), None, True)
+        return out
+
     def batch_view(self) -> BatchView:
         self.admit()
         return BatchView(
@@ -325,7 +230,7 @@ class TorchEngine:
         A prefill that raises is retried one request at a time, so a request that cannot be prefilled
         finishes alone with ``finish_reason="error"``; an interrupt puts the new requests back in the queue.
         """
-        new: list[_Row] = []
+        new: list[Row] = []
         while self.waiting and len(self.active) < self.max_batch:
             r = self.waiting.popleft()
             self.active.append(r)
@@ -342,9 +247,9 @@ class TorchEngine:
                 try:
                     ntok += self._prefill(row0 + i, [r])
                 except Exception as e1:  # noqa: BLE001
-                    r.finish, r.error = "error", f"prefill failed: {_describe(e1)}"
+                    r.finish, r.error = "error", f"prefill failed: {describe(e1)}"
             if not any(r.finish for r in new):  # a batch-shape failure only: every row prefilled alone
-                warnings.warn(f"effroll: batched prefill failed ({_describe(e)}); rows were prefilled one at a time",
+                warnings.warn(f"effroll: batched prefill failed ({describe(e)}); rows were prefilled one at a time",
                               RuntimeWarning, stacklevel=2)
         except BaseException:
             del self.active[row0:]
@@ -358,15 +263,15 @@ class TorchEngine:
         if any(r.finish for r in new):
             self._retire()
 
-    def _prefill(self, row0: int, rows: list[_Row]) -> int:
+    def _prefill(self, row0: int, rows: list[Row]) -> int:
         """Target forward over every row's prompt but its last token, into slots row0..; returns tokens fed."""
         feeds = [r.tokens[:-1] for r in rows]
         ntok = sum(len(f) for f in feeds)
         if ntok:
-            self._forward(self.model, self.cache, row0, feeds, [0] * len(rows))
+            self.forward(self.model, self.cache, row0, feeds, [0] * len(rows))
         return ntok
 
-    def _forward(self, model: Transformer, cache: KVCache, row0: int, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def forward(self, model: Transformer, cache: KVCache, row0: int, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Right-padded batched forward; returns final hidden [B, T, D]."""
         T = max(len(f) for f in feeds)
         dev = model.device
@@ -413,15 +318,17 @@ class TorchEngine:
             t0 = time.perf_counter()
             # Never draft with a drafter derived from another policy version (unversioned drafters pass):
             # the step runs AR and says so; whoever owns the drafter re-derives it (AdaptiveSpecRollout).
-            dv = getattr(self.drafter, "policy_version", self.policy_version)
+            meta = getattr(self.drafter, "meta", None)
+            dv = self.policy_version if meta is None or meta.policy_version is None else meta.policy_version
             can_draft = self.drafter is not None and dv == self.policy_version
             if self.drafter is not None and not can_draft:
-                rec.events.append(f"stale_drafter: drafter from policy v{dv}, target at v{self.policy_version}; AR step")
+                rec.events.append(event(STALE_DRAFTER, f"drafter from policy v{dv}, target at v{self.policy_version}; "
+                                                       "AR step"))
             try:
                 self._step_rows(plan if can_draft else AR, 0, B, rec)
             except Exception as e:  # noqa: BLE001 - find the row that fails; the others go on
                 rec.k, rec.accepted, rec.emitted = [], [], []
-                rec.events.append(f"step_error: {_describe(e)}; rows retried one at a time")
+                rec.events.append(event(STEP_ERROR, f"{describe(e)}; rows retried one at a time"))
                 for i, r in enumerate(rows):
                     for p in ((plan, AR) if can_draft else (AR,)):
                         try:
@@ -430,7 +337,7 @@ class TorchEngine:
                         except Exception as e1:  # noqa: BLE001
                             err = e1
                     else:
-                        r.finish, r.error = "error", f"step failed: {_describe(err)}"
+                        r.finish, r.error = "error", f"step failed: {describe(err)}"
                         rec.k.append(0)
                         rec.accepted.append(0)
                         rec.emitted.append(0)
@@ -440,117 +347,14 @@ class TorchEngine:
             return rec
 
     def _step_rows(self, plan: Plan, lo: int, hi: int, rec: StepRecord) -> None:
-        """One step for the rows in slots lo..hi-1 (draft, verify, accept, emit); appends their entries to ``rec``.
-
-        Everything that can fail runs before the first row is changed (the emit loop at the end only
-        appends), so a failed call leaves every row as it was and can be retried.
-        """
-        rows = self.active[lo:hi]
-        B = len(rows)
-        ks = [max(0, min(plan.k_for(r.rid), self.kmax, r.remaining(self.max_seq_len) - 1)) for r in rows]
-        K = max(ks)
-        dev = self.model.device
-        greedy = torch.tensor([r.params.greedy for r in rows])
-        any_greedy = bool(greedy.any())
-        temp = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows])
-        topk = torch.tensor([r.params.top_k for r in rows], dtype=torch.long)
-        topp = torch.tensor([float(r.params.top_p) for r in rows])
-        # Per-row uniforms from each request's own stream, laid out by the row's OWN k: [0:k) draft
-        # sampling, [k:2k) acceptance, [2k] final, and the stream advances by 2k+1. So a row's draws
-        # depend on its seed and its own draft lengths, never on the rest of the batch.
-        kt = torch.tensor(ks, dtype=torch.long)
-        u = uniforms(torch.tensor([r.seed for r in rows]), torch.tensor([r.rng_used for r in rows]), 2 * K + 1)
-        u_acc = u.gather(1, (kt.view(-1, 1) + torch.arange(K).view(1, -1)).clamp(max=2 * K))
-        u_fin = u.gather(1, (2 * kt).view(-1, 1)).view(-1)
-
-        # ---- draft (with catch-up merged into the first drafter forward)
-        draft = torch.zeros(B, K, dtype=torch.long)
-        q = None
-        d_lens = [r.d_len for r in rows]
-        t_d = time.perf_counter()
-        if K > 0:
-            assert self.drafter is not None and (self.share_kv or self.dcache is not None)
-            q = torch.zeros(B, K, self.vocab)
-            if self.share_kv:  # the target cache holds the prefix: feed just the pending token
-                dcache, feeds, starts = self.cache, [r.tokens[-1:] for r in rows], [r.t_len for r in rows]
-            else:
-                dcache, feeds, starts = self.dcache, [r.tokens[r.d_len :] for r in rows], [r.d_len for r in rows]
-            catchup = sum(len(f) - 1 for f in feeds)
-            h = self._forward(self.drafter, dcache, lo, feeds, starts)
-            last = torch.tensor([len(f) - 1 for f in feeds], device=h.device)
-            hl = h[torch.arange(B, device=h.device), last]
-            d_lens = [len(r.tokens) for r in rows]
-            for j in range(K):
-                logits = self.drafter.logits(hl).cpu()
-                probs = process_probs(logits, temp, topk, topp)
-                x = sample_inverse_cdf(probs, u[:, j])
-                if any_greedy:
-                    x = torch.where(greedy, logits.argmax(-1), x)
-                q[:, j] = probs
-                draft[:, j] = x
-                if j + 1 < K:
-                    start = [len(r.tokens) + j for r in rows]
-                    h = self.drafter(x.view(B, 1).to(dev), torch.tensor(start, device=dev), dcache, start, row0=lo)
-                    hl = h[:, 0]
-            rec.catchup_tokens += catchup
-        rec.draft_s += time.perf_counter() - t_d
-
-        # ---- verify: one target forward over [pending, x_1..x_k]
-        t_v = time.perf_counter()
-        feeds = [[r.tokens[-1]] + draft[i, : ks[i]].tolist() for i, r in enumerate(rows)]
-        h = self._forward(self.model, self.cache, lo, feeds, [r.t_len for r in rows])
-        logits = self.model.logits(h).cpu()  # [B, K+1, V]
-        rec.verify_s += time.perf_counter() - t_v
-
-        # ---- accept / sample
-        t_s = time.perf_counter()
-        K1 = K + 1
-        lp = process_logits(logits.view(B * K1, -1), temp.repeat_interleave(K1), topk.repeat_interleave(K1),
-                            topp.repeat_interleave(K1)).view(B, K1, -1)
-        j = torch.zeros(B, dtype=torch.long)
-        final = torch.zeros(B, dtype=torch.long)
-        if bool((~greedy).any()):
-            idx = (~greedy).nonzero().flatten()
-            p = lp[idx].exp()
-            qq = q[idx] if q is not None else torch.zeros(len(idx), 0, self.vocab)
-            jj, ff = speculative_accept(p, qq, draft[idx], kt[idx], u_acc[idx], u_fin[idx])
-            j[idx], final[idx] = jj, ff
-        if any_greedy:
-            idx = greedy.nonzero().flatten()
-            jj, ff = greedy_accept(logits[idx].argmax(-1), draft[idx], kt[idx])
-            j[idx], final[idx] = jj, ff
-        # Returned logprobs: the processed target distribution (greedy rows: plain log-softmax, T=1).
-        if any_greedy:
-            lp = torch.where(greedy.view(B, 1, 1), torch.log_softmax(logits, dim=-1), lp)
-        emitted = torch.cat([draft, torch.zeros(B, 1, dtype=torch.long)], dim=1)
-        emitted[torch.arange(B), j] = final
-        lps_all = lp.gather(2, emitted.unsqueeze(-1)).squeeze(-1).tolist()
-        em_all = emitted.tolist()
-        jl = j.tolist()
-
-        # ---- emit: the only part that changes rows
-        for i, r in enumerate(rows):
-            n_before = len(r.tokens)
-            cnt = 0
-            for tok, lpv in zip(em_all[i][: jl[i] + 1], lps_all[i]):
-                r.tokens.append(tok)
-                r.out.append(tok)
-                r.logprobs.append(lpv)
-                cnt += 1
-                if tok in r.stop_ids:
-                    r.finish = "stop"
-                elif r.remaining(self.max_seq_len) <= 0:
-                    r.finish = "length"
-                if r.finish:
-                    break
-            r.rng_used += 2 * ks[i] + 1
-            r.t_len = n_before + jl[i]
-            if K > 0:
-                r.d_len = min(d_lens[i] + min(jl[i], K - 1), len(r.tokens))
-            rec.k.append(ks[i])
-            rec.accepted.append(jl[i])
-            rec.emitted.append(cnt)
-        rec.sample_s += time.perf_counter() - t_s
+        """One step for the rows in slots lo..hi-1: draft, verify, accept, emit (``spec_step``)."""
+        b = spec_step.plan_batch(self.active[lo:hi], lo, plan, self.kmax, self.max_seq_len)
+        toks, q, d_lens = spec_step.draft(self, b, rec)
+        logits = spec_step.verify(self, b, toks, rec)
+        t0 = time.perf_counter()
+        accepted, tokens, logprobs = spec_step.accept(b, logits, toks, q, self.vocab)
+        spec_step.emit(b, accepted, tokens, logprobs, d_lens, self.max_seq_len, rec)
+        rec.sample_s += time.perf_counter() - t0
 
     def _retire(self) -> None:
         """Remove finished rows, keeping active rows in slots 0..B-1 (move the last row into a hole)."""
@@ -638,7 +442,3 @@ class TorchEngine:
             raise BatchInputError("; ".join(errors), outs)
         return outs
 
-
-def _describe(e: BaseException) -> str:
-    """``Type: first line`` of an exception, for error fields and events."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"

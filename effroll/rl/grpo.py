@@ -39,12 +39,12 @@ import json
 import math
 import os
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..engine.sampling import SamplingParams
-from ..rollout import LLM, AdaptiveSpecRollout
+from ..engine.sampling import SamplingParams, derive_seed
+from ..llm import LLM
+from ..rollout import AdaptiveSpecRollout
 from .tasks import correctness_reward
 
 MODES = ("ar", "sd", "sd-stale", "adaptive")
@@ -65,8 +65,19 @@ def chat_prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
 
 
 def sample_seed(seed: int, step: int, index: int) -> int:
-    """Seed of completion ``index`` at optimizer step ``step``: the same in every mode."""
-    return zlib.crc32(f"{seed}:{step}:{index}".encode())
+    """Seed of completion ``index`` at optimizer step ``step``: the same in every mode (the one seed rule)."""
+    return derive_seed(seed, step, index)
+
+
+def _pinned(drafter: Any) -> bool:
+    return drafter.meta is not None and drafter.meta.pinned_from is not None
+
+
+def _derived_for(drafter: Any) -> int | None:
+    """The policy version a drafter was derived for (a pinned one: where it was pinned from)."""
+    if drafter is None or drafter.meta is None:
+        return None
+    return drafter.meta.pinned_from if drafter.meta.pinned_from is not None else drafter.meta.policy_version
 
 
 def make_rollout_func(llm: LLM, tokenizer: Any, *, max_tokens: int, temperature: float = 1.0,
@@ -212,7 +223,7 @@ class DrafterDrift:
 
     def __init__(self, llm: LLM, recipe: str | None = None, max_sequences: int = 8):
         from ..drafter.derive import derive_drafter
-        from ..rollout import pin_drafter
+        from ..llm import pin_drafter
 
         self.llm, self.recipe, self.max_sequences = llm, recipe or llm.recipe, max_sequences
         if self.recipe is None:
@@ -225,7 +236,7 @@ class DrafterDrift:
         from ..drafter.report import acceptance_kl
 
         cur = self.llm.drafter
-        fresh = cur if cur is not None and getattr(cur, "pinned_from", None) is None else derive_drafter(
+        fresh = cur if cur is not None and not _pinned(cur) else derive_drafter(
             self.llm.model, self.recipe)
         idx = list(range(0, len(res["prompt_ids"]), max(1, every)))[: self.max_sequences]
         seqs = [list(res["prompt_ids"][i]) + list(res["completion_ids"][i]) for i in idx]
@@ -291,7 +302,7 @@ def make_telemetry_callback(log: StepLog, mode: str, *, out: str | Path | None =
             step_s = (t_opt - self._t0) + (time.perf_counter() - t_sync)
             last = rollout.history[-1] if rollout.history else {}
             llm = rollout.llm
-            derived = llm.drafter is not None and getattr(llm.drafter, "pinned_from", None) is None
+            derived = llm.drafter is not None and not _pinned(llm.drafter)
             rec = {
                 "kind": "step", "mode": mode, "step": state.global_step, "policy_version": llm.version,
                 "rollout_wall_s": last.get("wall_s"), "step_s": step_s, "refresh_s": refresh,
@@ -301,8 +312,7 @@ def make_telemetry_callback(log: StepLog, mode: str, *, out: str | Path | None =
                 "acceptance": last.get("acceptance"), "acceptance_per_position": last.get("acceptance_per_position"),
                 "speculative_share": last.get("speculative_share"), "k_histogram": last.get("k_histogram"),
                 "toggles": last.get("toggles"), "events": last.get("events", []),
-                "drafter_from_version": None if llm.drafter is None else getattr(
-                    llm.drafter, "pinned_from", llm.drafter.policy_version),
+                "drafter_from_version": _derived_for(llm.drafter),
             }
             rec.update(drift_rec)
             rec["rewards"], rec["lengths"] = list(log.rewards), list(log.lengths)

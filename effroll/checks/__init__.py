@@ -1,0 +1,1 @@
+"""Checks that effroll stays lossless: statistical tests, `effroll verify`, the online audit."""
