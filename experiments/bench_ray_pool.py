@@ -66,7 +66,7 @@ def main() -> None:
     from effroll.dist.pool import RayRolloutPool
     from effroll.engine.sampling import SamplingParams
     from effroll import AdaptiveSpecRollout
-from effroll.llm import LLM
+    from effroll.llm import LLM
 
     torch.set_num_threads(a.threads)
     model = tiny_model() if a.model == "tiny" else a.model

@@ -11,9 +11,10 @@ import torch
 
 from effroll.drafter import (
     HessianCollector, Int4Linear, Int8Linear, collect_hessians, derive_drafter, drafter_nbytes, gptq_quantize,
-    hessian_kinds, linear_name, list_recipes, load_recipe, model_nbytes, quantize_rtn,
+    hessian_kinds, list_recipes, load_recipe, model_nbytes, quantize_rtn,
 )
 from effroll.drafter import int4 as I
+from effroll.checkpoints import linear_name
 from effroll.drafter.report import acceptance_kl, decode_step_seconds, drafter_report, weight_rel_err
 from effroll.drafter.sampling import sample_continuations
 from effroll.engine.kv_cache import KVCache, full_logits

@@ -164,7 +164,7 @@ def test_negative_control_broken_acceptance_is_detected(tiny_pair, monkeypatch):
         rows = torch.arange(p.shape[0])
         return j, sampling_mod.sample_inverse_cdf(p[rows, j], u_final)
 
-    monkeypatch.setattr("effroll.engine.torch_engine.speculative_accept", accept_all)
+    monkeypatch.setattr("effroll.engine.spec_step.speculative_accept", accept_all)
     exact = exact_distribution(target, PROMPT, params, DEPTH, eos={0})
     counts, _ = sample_engine(target, drafter, params, Plan(3), n=N_SAMPLES)
     assert chi_square_pvalue(counts, exact, N_SAMPLES) < ALPHA
@@ -185,7 +185,7 @@ def test_negative_control_wrong_residual_is_detected(tiny_pair, monkeypatch):
     """Resampling from p instead of normalize(max(0, p - q)) after a rejection is biased."""
     target, drafter = tiny_pair
     params = SamplingParams(temperature=1.0, max_tokens=6)
-    monkeypatch.setattr("effroll.engine.torch_engine.speculative_accept", no_residual)
+    monkeypatch.setattr("effroll.engine.spec_step.speculative_accept", no_residual)
     exact = exact_distribution(target, PROMPT, params, DEPTH, eos={0})
     counts, _ = sample_engine(target, drafter, params, Plan(3), n=N_SAMPLES)
     assert chi_square_pvalue(counts, exact, N_SAMPLES) < ALPHA

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from effroll.engine import torch_engine as te
+from effroll.engine import spec_step as te  # the step module that draws the uniforms
 from effroll.engine.records import Plan
 from effroll.engine.sampling import SamplingParams, stream_seed
 from effroll.engine.records import BatchInputError

@@ -165,7 +165,7 @@ def poisoner(poison):
     rows seeded ``poison``; ``poisoner(None)`` undoes it."""
 
     def run(worker):
-        from effroll.engine import torch_engine as te
+        from effroll.engine import spec_step as te
 
         real = te.__dict__.setdefault("_real_uniforms", te.uniforms)
 

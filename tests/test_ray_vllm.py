@@ -147,7 +147,7 @@ def test_bad_engine_arguments(tmp_path, monkeypatch, tiny_pair):
         RayRolloutPool(str(tmp_path), engine="tpu")
     with pytest.raises(ValueError, match="got 'tpu'"):
         AdaptiveSpecRollout(None, model=str(tmp_path), workers=2, engine="tpu")
-    monkeypatch.setattr("effroll.engine.vllm.engine.vllm_available", lambda: (False, "vllm is not importable: X"))
+    monkeypatch.setattr("effroll.engine.vllm.vllm_available", lambda: (False, "vllm is not importable: X"))
     with pytest.raises(ImportError, match="engine='vllm' needs vLLM .*: vllm is not importable: X"):
         RayRolloutPool(str(tmp_path), engine="vllm")
     monkeypatch.undo()

@@ -106,7 +106,7 @@ def test_tune_end_to_end_on_a_tiny_model(tmp_path):
     assert png.exists() and png.stat().st_size > 10_000
 
     from effroll import AdaptiveSpecRollout
-from effroll.llm import LLM
+    from effroll.llm import LLM
 
     llm = LLM(str(ckpt), recipe="rtn-sym-g32", dtype="fp32", max_batch=2)
     AdaptiveSpecRollout(None, llm=llm, profile=out)  # same architecture: accepted
@@ -127,7 +127,7 @@ def test_tune_bad_input_is_a_user_error(tmp_path):
 def test_auto_profile_picks_a_matching_shipped_profile(tmp_path, monkeypatch, small_pair):
     from effroll.control import CostModel, find_profile, make_profile, save_profile
     from effroll import AdaptiveSpecRollout
-from effroll.llm import LLM, runtime_hardware
+    from effroll.llm import LLM, runtime_hardware
 
     target, _ = small_pair
     hw = runtime_hardware(target)

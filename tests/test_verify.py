@@ -39,7 +39,7 @@ def test_verify_catches_a_biased_sampler(small_pair, monkeypatch):
         rows = torch.arange(p.shape[0])
         return k.clone(), sampling_mod.sample_inverse_cdf(p[rows, k], u_final)
 
-    monkeypatch.setattr("effroll.engine.torch_engine.speculative_accept", accept_all)
+    monkeypatch.setattr("effroll.engine.spec_step.speculative_accept", accept_all)
     eng = TorchEngine(target, drafter, max_batch=256, kmax=6)
     res = run_verify(TorchEngineUnderTest(eng, lambda: Plan(4)), PROMPTS, samples=4000, positions=2)
     dist = next(c for c in res["checks"] if c["name"] == "distribution")
@@ -97,7 +97,7 @@ def test_verify_drafts_the_k_it_is_asked_for_and_catches_a_k2_only_bug(small_pai
     eng = TorchEngine(target, drafter, max_batch=256, kmax=6)
     eut = TorchEngineUnderTest(eng, lambda: Plan(4))
     assert run_verify(eut, PROMPTS[:2], samples=3000, positions=2, k=4)["passed"]
-    monkeypatch.setattr("effroll.engine.torch_engine.speculative_accept", accept_second_always)
+    monkeypatch.setattr("effroll.engine.spec_step.speculative_accept", accept_second_always)
     res = run_verify(eut, PROMPTS[:2], samples=3000, positions=2, k=4)
     assert seen["max_k"] == 4
     dist = next(c for c in res["checks"] if c["name"] == "distribution")

@@ -1,4 +1,4 @@
-"""VLLMEngine (effroll.engine.vllm_engine): vLLM draft_model speculation with the exported INT4 drafter.
+"""VLLMEngine (effroll.engine.vllm): vLLM draft_model speculation with the exported INT4 drafter.
 
 Schedule helpers run everywhere; the engine tests skip when vllm is not importable. One engine (a
 tiny random Llama + its exported INT4 drafter) is shared by the module's engine tests.
@@ -198,7 +198,7 @@ def test_update_policy_reloads_target_and_drafter(setup):
             assert (torch.tensor(o.logprobs) - _ref_logprobs(new, p, o.token_ids)).abs().max() < 0.3
         assert acc > acc_stale + 0.05, (acc_stale, acc)
     finally:  # leave the shared engine as it was
-        eng.update_weights(target)
+        eng.update_weights(to_hf(target))
         eng.update_drafter(d / "drafter")
 
 

@@ -20,9 +20,9 @@ from effroll.drafter.export import (
     export_drafter,
     pack_int4_cols,
     pack_int4_rows,
-    save_hf_checkpoint,
     unpack_int4_rows,
 )
+from effroll.checkpoints import save_hf_checkpoint
 from effroll.drafter.int4 import Int4Linear
 from effroll.engine.kv_cache import full_logits
 from effroll.engine.model import ModelConfig, Transformer

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..engine.model import ModelConfig, Transformer
+from .tensors import check_tensors
 
 LINEAR_PATHS = {"qkv": "attn.qkv", "o": "attn.o", "gate_up": "mlp.gate_up", "down": "mlp.down"}
 NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
@@ -78,14 +79,7 @@ def from_hf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> dict[str, torch
     if extra:
         raise ValueError(f"policy weights hold key {extra[0]!r} that the target does not have"
                          f"{_layers_hint(extra, cfg, 2)} ({len(extra)} unexpected)")
-    for k, shape in shapes.items():
-        if k not in sd:
-            raise ValueError(f"policy weights are missing key {k!r}")
-        v = sd[k]
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"policy weight {k!r} must be a torch.Tensor, got {type(v).__name__}")
-        if tuple(v.shape) != shape:
-            raise ValueError(f"policy weight {k!r} has shape {tuple(v.shape)}, expected {shape}")
+    check_tensors(shapes, sd, shapes)  # HF names in any error: the caller's own keys
     out = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]

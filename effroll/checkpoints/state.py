@@ -11,6 +11,8 @@ from torch import nn
 
 from ..engine.model import ModelConfig, Transformer
 from .names import _layers_hint, from_hf
+from .read import read_state_dict
+from .tensors import check_tensors
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -34,37 +36,12 @@ def policy_state(weights: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     if isinstance(weights, Transformer):
         return dict(weights.state_dict())
     if isinstance(weights, (str, Path)):
-        from .files import read_state_dict
-
         weights = read_state_dict(weights)
     if hasattr(weights, "state_dict") and not isinstance(weights, Mapping):
         weights = weights.state_dict()
     if not isinstance(weights, Mapping):
         raise TypeError(f"update_policy expects a state dict, a checkpoint path or a model, got {type(weights).__name__}")
     return from_hf(cfg, weights) if is_hf(weights) else dict(weights)
-
-
-def _finite(v: torch.Tensor) -> bool:
-    # A sum is NaN/Inf if any element is (one cheap pass); confirm element-wise, since a finite sum can overflow.
-    return bool(torch.isfinite(v.sum(dtype=torch.float32))) or bool(torch.isfinite(v).all())
-
-
-def check_tensors(shapes: Mapping[str, tuple[int, ...]], sd: Mapping[str, Any], keys: Iterable[str],
-                  check_finite: bool = True) -> None:
-    """``sd[k]`` for every k in ``keys``: present, a floating-point tensor of ``shapes[k]``, finite. Raises
-    ValueError/TypeError naming the first offending key."""
-    for k in keys:
-        if k not in sd:
-            raise ValueError(f"policy weights are missing key {k!r}")
-        v = sd[k]
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"policy weight {k!r} must be a torch.Tensor, got {type(v).__name__}")
-        if not v.is_floating_point():
-            raise TypeError(f"policy weight {k!r} has dtype {v.dtype}; expected a floating-point tensor")
-        if tuple(v.shape) != tuple(shapes[k]):
-            raise ValueError(f"policy weight {k!r} has shape {tuple(v.shape)}, expected {tuple(shapes[k])}")
-        if check_finite and not _finite(v):
-            raise ValueError(f"policy weight {k!r} contains NaN or Inf")
 
 
 def check_state(model: Transformer, sd: Mapping[str, Any], check_finite: bool = True) -> dict[str, nn.Parameter]:

@@ -38,7 +38,7 @@ import statistics
 from collections import deque
 from typing import Any
 
-from ..engine.records import STALE_DRAFTER, WATCHDOG_DISABLE, WATCHDOG_REDERIVE, event, event_kind
+from ..engine.records import STALE_DRAFTER, WATCHDOG_DISABLE, WATCHDOG_REDERIVE, event, event_kind, verified_positions
 
 REDERIVE, DISABLE = "rederive", "disable"
 

@@ -214,7 +214,7 @@ def drafter_report(
         "positions": ak["positions"],
         "weight_rel_err": weight_rel_err(target, drafter),
         "refresh_s": drafter.meta.derive_seconds,
-        "calib_s": drafter.calib_seconds,
+        "calib_s": drafter.meta.calib_seconds,
         "drafter_bytes": d_bytes,
         "drafter_bytes_total": d_total,
         "target_bytes": t_bytes,
