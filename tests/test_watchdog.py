@@ -230,7 +230,7 @@ def test_rederivation_that_does_not_help_switches_speculation_off_once(tmp_path,
 # ----------------------------------------------------------------------------- engine faults (audit)
 def test_wrong_residual_sampler_detected_by_shadow_test_then_ar_is_exact(tiny_pair, monkeypatch):
     target, drafter = tiny_pair
-    monkeypatch.setattr("effroll.engine.torch_engine.speculative_accept", no_residual)
+    monkeypatch.setattr("effroll.engine.spec_step.speculative_accept", no_residual)
     llm = LLM(target, recipe=None, drafter=drafter, max_batch=500, kmax=5)
     rollout = AdaptiveSpecRollout(None, llm=llm, mode="sd", k=3,
                                   audit={"shadow_rate": 1.0, "logprob_rate": 0.0, "on_failure": "ar"})
@@ -253,7 +253,7 @@ def test_wrong_residual_sampler_detected_by_shadow_test_then_ar_is_exact(tiny_pa
 
 def test_wrong_residual_raises_with_the_rollout_attached(tiny_pair, monkeypatch):
     target, drafter = tiny_pair
-    monkeypatch.setattr("effroll.engine.torch_engine.speculative_accept", no_residual)
+    monkeypatch.setattr("effroll.engine.spec_step.speculative_accept", no_residual)
     llm = LLM(target, recipe=None, drafter=drafter, max_batch=500, kmax=5)
     rollout = AdaptiveSpecRollout(None, llm=llm, mode="sd", k=3, audit={"shadow_rate": 1.0})  # on_failure="raise"
     with pytest.raises(LosslessAuditError, match="speculative and AR first tokens differ") as ei:
@@ -311,9 +311,8 @@ def test_healthy_drafter_never_triggers(mode):
     assert all(not h["events"] for h in st["history"])
 
 
-def test_bench_reports_the_checks(capsys):
-    from effroll.bench import bench, make_workload
-    from effroll.cli import _print_bench_table
+def test_bench_reports_the_checks():
+    from effroll.bench import bench, make_workload, report_lines
 
     llm = make_llm()
     res = bench(llm, make_workload(llm, n=6, cap=16), [2], audit=True)
@@ -322,7 +321,6 @@ def test_bench_reports_the_checks(capsys):
         assert res[m]["events"] == 0 and res[m]["audit"]["failed"] is False
     res.pop("_records")
     json.dumps(res)
-    _print_bench_table(res)
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = report_lines(res)[1][-1]
     assert line.startswith("health checks: watchdog overhead <= ") and "audit overhead <= " in line, line
     assert line.endswith("no events")
