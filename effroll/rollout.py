@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -205,6 +206,11 @@ class AdaptiveSpecRollout:
         if self.watchdog is not None:
             self.watchdog.end_rollout(entry["acceptance"], entry["verified_positions"])
         self.history.append(entry)
+        check = self.controller.profile_check
+        if check.get("status", "").startswith("mismatch") and not getattr(self, "_told_profile", False):
+            self._told_profile = True  # once per wrapper: the profile's status stays in stats()["controller"]
+            warnings.warn(f"effroll: controller profile {self.profile_path or '(given)'} does not fit this machine: "
+                          f"{check['status']}; re-run `effroll tune` here", RuntimeWarning, stacklevel=2)
         if self.audit is not None and self.audit.failed and not audit_failed and self.audit.on_failure == "raise":
             raise LosslessAuditError(f"effroll lossless audit failed: {self.audit.failure}; the rollout finished in "
                                      f"AR after the detection (its result is in .result) and speculation stays off",

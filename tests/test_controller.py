@@ -450,3 +450,44 @@ def test_no_probes_where_the_other_mode_is_predicted_to_lose_badly(profile):
     assert runs[100.0][0] > 0  # without the band: probes in every new cell (what the band saves)
     with pytest.raises(ValueError, match="probe_band must be > 1, got 1"):
         Controller(probe_band=1)
+
+
+class ForeignTruth(Truth):
+    """Another machine: AR steps 2x slower, the drafter 5x slower (an AVX2 CPU running a profile made on AMX)."""
+
+    def t_ar(self, B, L):
+        return 2.0 * super().t_ar(B, L)
+
+    def t_draft(self, B, L):
+        return 5.0 * super().t_draft(B, L)
+
+
+def test_a_profile_from_this_machine_is_kept(profile):
+    ctrl = Controller(profile=profile)
+    assert ctrl.stats()["profile_check"]["status"] == "checking"
+    rollout(ctrl, np.random.default_rng(11))
+    pc = ctrl.stats()["profile_check"]
+    assert pc["status"] == "in use" and pc["samples"] >= 16, pc
+    assert all(0.8 < r < 1.25 for r in pc["ratios"].values()), pc
+    assert ctrl.counters["profile_mismatch"] == 0
+
+
+def test_a_profile_from_other_hardware_is_caught_and_outweighed(profile):
+    """On a machine with 2x slower AR and 5x slower drafter steps the check sees the mismatch within 16
+    samples, says so, and cuts the profile's prior weight: the rollout then runs closer to the best plan
+    than with a controller blind to the mismatch (whose live refits must outweigh the full anchors)."""
+    truth = ForeignTruth()
+    ctrl = Controller(profile=profile)
+    log = rollout(ctrl, np.random.default_rng(12), truth=truth)
+    pc = ctrl.stats()["profile_check"]
+    assert pc["status"].startswith("mismatch: ") and max(pc["ratios"].values()) > 1.5, pc
+    assert ctrl.counters["profile_mismatch"] == 1 and ctrl.stats()["warmup_steps"] == 0
+    # blind to the mismatch (the check switched off), the profile keeps SD on where the truth says AR
+    blind = Controller(profile=profile)
+    blind._profile_model = None
+    blind_log = rollout(blind, np.random.default_rng(12), truth=truth)
+    tail = slice(len(log) // 4, None)  # after the check and the relearning
+    assert accuracy(log[tail]) >= 0.9
+    assert efficiency(log, truth) > efficiency(blind_log, truth) + 0.005, (efficiency(log, truth),
+                                                                        efficiency(blind_log, truth))
+    assert len(log) < len(blind_log)  # fewer steps: the rollout ends sooner

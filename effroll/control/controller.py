@@ -52,10 +52,22 @@ import numpy as np
 
 from ..engine.records import AR, Plan
 from .acceptance import AcceptanceEstimator, expected_tokens
-from .cost_model import CostModel
+from .cost_model import CostModel, record_samples
 from .profile import load_profile, validate_profile
 
 POLICIES = ("cost_model", "static")
+
+
+# A profile is trusted once this many live step-time samples agree with its prediction: for every sample
+# kind seen PROFILE_MIN_KIND times, the median measured/predicted ratio within PROFILE_TOLERANCE either way.
+# Otherwise it was made on other hardware (or another model build): stats() says so and its anchors' weight is
+# cut, so this machine's samples decide within a few steps. (Scaling its blocks by the measured ratios did worse
+# in tests/test_controller.py's simulation: a block not measured yet gets a wrong scale.) The acceptance prior
+# stays: it belongs to the drafter, not the CPU.
+PROFILE_CHECK_SAMPLES = 16
+PROFILE_MIN_KIND = 3
+PROFILE_TOLERANCE = 1.5
+PROFILE_MISMATCH_WEIGHT = 4.0
 
 
 def _check_ladder(k_ladder) -> tuple[int, ...]:
@@ -122,6 +134,13 @@ class Controller:
         else:
             self.cost = CostModel()
         self._domain = profile["cost_model"].get("domain") if profile else None
+        # The profile's own prediction, frozen, to judge it by (the live model drifts toward the data).
+        self._profile_model = (CostModel.from_dict(profile["cost_model"], prior_weight=0)
+                               if profile is not None and cost_model is None and policy == "cost_model" else None)
+        self._profile_ratios: dict[str, list[float]] = {}
+        self.profile_check: dict = {"status": "checking" if self._profile_model is not None else
+                                    ("none" if profile is None else "not checked"), "ratios": {}, "samples": 0}
+        self._warmup_cycles = int(warmup_cycles)
 
         self.static_threshold = static_threshold if static_threshold is not None else toggle.get("batch_threshold", 16)
         self.static_k = static_k if static_k is not None else toggle.get("k", 4)
@@ -238,6 +257,8 @@ class Controller:
         self._assess_sign(record, spec, B, L)
         self.acceptance.observe(record)
         self.cost.observe(record)
+        if self._profile_model is not None:
+            self._check_profile(record)
         self._seen[spec].add(self._cell(B, L))
 
     def _assess_sign(self, record, spec: bool, B: int, L: float) -> None:
@@ -255,6 +276,35 @@ class Controller:
         pred = self.acceptance.expected_tokens(k_sd) / t_sd > 1.0 / float(self.cost.predict_ar(B, L))
         self.counters["sign_assessed"] += 1
         self.counters["sign_correct"] += pred == (g_sd > g_ar)
+
+    def _check_profile(self, record) -> None:
+        """Compare live step times with the profile's prediction; trust live samples when they disagree."""
+        for smp in record_samples(record):
+            pred = self._profile_model.predict(smp)
+            if pred > 0:
+                self._profile_ratios.setdefault(smp.kind, []).append(smp.y / pred)
+        n = sum(len(v) for v in self._profile_ratios.values())
+        if n < PROFILE_CHECK_SAMPLES:
+            return
+        ratios = {k: float(np.median(v)) for k, v in self._profile_ratios.items() if len(v) >= PROFILE_MIN_KIND}
+        off = {k: r for k, r in ratios.items() if not 1 / PROFILE_TOLERANCE <= r <= PROFILE_TOLERANCE}
+        self.profile_check = {"ratios": {k: round(r, 3) for k, r in ratios.items()}, "samples": n}
+        profile_model, self._profile_model = self._profile_model, None  # decided once per controller
+        if not off:
+            self.profile_check["status"] = "in use"
+            return
+        # Trust this machine's samples over the profile's: its anchors keep a small weight (they still fill
+        # the cells not measured yet) and live samples outweigh them within a few steps.
+        d = profile_model.to_dict()
+        d["domain"] = self._domain
+        live = CostModel.from_dict(d, prior_weight=PROFILE_MISMATCH_WEIGHT)
+        live.add_samples(self.cost.samples)
+        live.fit()
+        self.cost = live
+        kind, r = max(off.items(), key=lambda kr: abs(math.log(kr[1])))
+        self.profile_check["status"] = (f"mismatch: {kind} steps took {r:.2f}x its prediction (tolerance "
+                                        f"{PROFILE_TOLERANCE}x); its prior weight cut to {PROFILE_MISMATCH_WEIGHT:g} samples")
+        self.counters["profile_mismatch"] += 1
 
     def reset_acceptance(self, prior: float | None = None, source: str = "given") -> None:
         """Call after update_policy: the drafter changed, so forget its acceptance history. ``prior``:
@@ -291,6 +341,7 @@ class Controller:
             "sign_assessed": n,
             "cost_model_mape": self.cost.mape() if self.cost.n_live else None,
             "cost_model_ready": self.cost.ready,
+            "profile_check": dict(self.profile_check),
         }
 
 
