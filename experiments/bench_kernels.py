@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effroll.drafter import int4 as I  # noqa: E402
-from effroll.drafter import kernels  # noqa: E402
+from effroll import kernels  # noqa: E402
 from effroll.drafter.int4 import Int4Linear, quantize_rtn  # noqa: E402
 from effroll.engine import model as model_mod  # noqa: E402
 

@@ -18,7 +18,7 @@ min/max unchanged) and activations are zero-padded at run time, so the padding c
 
 Kernels (``Int4Linear.backend``):
 
-* ``"effroll"`` (CPU default): effroll's own AVX2 kernel, :mod:`effroll.drafter.kernels`
+* ``"effroll"`` (CPU default): effroll's own AVX2 kernel, :mod:`effroll.kernels`
   (``torch.ops.effroll.int4_mm``), built on first use; any N. It reads each weight tile once for all
   rows of x, where torch's CPU kernel re-dequantizes it for every few rows.
 * ``"cpu"``: torch's ``_convert_weight_to_int4pack_for_cpu(int32 codes [N, K], 1)`` packs and
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..once import warn_once
-from . import kernels
+from .. import kernels
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernels accept
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import cache_dir
+
 TILE = 16
 _SRC = Path(__file__).with_name("int4_gemm.cpp")
 _CFLAGS = ["-O3", "-DNDEBUG"]  # no -fopenmp: parallel_for is torch's (stable ABI), on torch's own thread pool
@@ -30,8 +32,6 @@ _state: dict[str, object] = {}  # "ok": bool, "error": str, "build_s": float
 
 def build_dir() -> Path:
     """Where the compiled library lives: keyed by the source, the flags and the torch build."""
-    from effroll.checkpoints import cache_dir
-
     key = hashlib.sha256()
     for part in (_SRC.read_bytes(), repr((_CFLAGS, _LDFLAGS)).encode(), torch.__version__.encode(),
                  str(torch.version.git_version).encode(), platform.machine().encode()):
