@@ -34,7 +34,6 @@ back to a dequantize-then-``F.linear`` path (warned once per process and reason)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -176,10 +175,7 @@ KERNEL_ENV = "EFFROLL_INT4_KERNEL"  # "torch": torch's CPU kernel even where eff
 def _backend(device: torch.device, n: int) -> str | None:
     """'effroll' / 'cpu' / 'cuda': the kernel for this shape on ``device`` (None: dequantized matmul)."""
     if device.type == "cpu":
-        choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-        if choice not in ("auto", "effroll", "torch"):
-            raise ValueError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'effroll' or 'torch'")
-        if choice != "torch":
+        if kernels.choice(KERNEL_ENV) != "torch":
             if kernels.available():
                 return "effroll"
             _warn(f"effroll's CPU INT4 kernel is unavailable ({kernels.unavailable_reason()}); "

@@ -1,10 +1,12 @@
-"""effroll's CPU INT4 GEMM (``torch.ops.effroll.int4_mm``): build-on-first-use loader, packing, op wrapper.
+"""effroll's CPU kernels (AVX2 + FMA): a build-on-first-use loader, INT4 packing, checked op wrappers.
 
-The C++ source (``int4_gemm.cpp``, AVX2 + FMA) is compiled once per source/flags/torch version into
-``<EFFROLL_CACHE or ~/.cache/effroll>/kernels/int4_gemm-<hash>/`` and later processes load the cached
-library without invoking the compiler. The op has a fake implementation, so ``torch.compile`` keeps it
-as one opaque node. Layout (see the C++ header comment): ``packed`` uint8 ``[T, Kp, 8]`` with
-``T = ceil(N / 16)`` tiles of 16 output rows, ``scales_zeros`` bf16 ``[T, G, 2, 16]``.
+* ``torch.ops.effroll.int4_mm`` (``int4_gemm.cpp``; the INT4 drafter's linears). Layout (see the C++ header
+  comment): ``packed`` uint8 ``[T, Kp, 8]`` with ``T = ceil(N / 16)`` tiles of 16 output rows,
+  ``scales_zeros`` bf16 ``[T, G, 2, 16]``.
+
+Each source is its own :class:`Library` (``INT4``), compiled once per source/headers/flags/torch
+version into ``<EFFROLL_CACHE or ~/.cache/effroll>/kernels/<stem>-<hash>/``; one that fails to build leaves
+the others usable. :func:`choice` reads the env switches (``EFFROLL_INT4_KERNEL``).
 """
 
 from __future__ import annotations
@@ -21,86 +23,126 @@ import torch
 from ..fileio import cache_dir
 
 TILE = 16
-_SRC = Path(__file__).with_name("int4_gemm.cpp")
+_DIR = Path(__file__).parent
+_HEADERS = [_DIR / "simd.h"]  # included by every source: part of every library's key
 _CFLAGS = ["-O3", "-DNDEBUG"]  # no -fopenmp: parallel_for is torch's (stable ABI), on torch's own thread pool
 _LDFLAGS: list[str] = []
-_NAME = "effroll_int4_gemm"
-
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool, "error": str, "build_s": float
 
 
-def build_dir() -> Path:
-    """Where the compiled library lives: keyed by the source, the flags and the torch build."""
-    key = hashlib.sha256()
-    for part in (_SRC.read_bytes(), repr((_CFLAGS, _LDFLAGS)).encode(), torch.__version__.encode(),
-                 str(torch.version.git_version).encode(), platform.machine().encode()):
-        key.update(part)
-    return cache_dir() / "kernels" / f"int4_gemm-{key.hexdigest()[:16]}"
+class Library:
+    """One C++ source built on first use into one library of ``torch.ops.effroll`` ops, cached by content.
 
+    The build goes to ``<cache_dir()>/kernels/<stem>-<hash of source, headers, flags, torch build>/`` and later
+    processes load the cached library without invoking the compiler. Each library exports
+    ``effroll_<probe>_cpu_supported()`` (checked through ctypes after loading) and its ops get fake
+    implementations, so ``torch.compile`` keeps them as opaque nodes. A build or load failure makes
+    :meth:`available` False with the first error line as :meth:`unavailable_reason`; callers fall back to torch.
+    """
 
-def _load() -> None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise RuntimeError(f"not an x86-64 CPU ({platform.machine()})")
-    d = build_dir()
-    lib = d / f"{_NAME}.so"
-    if lib.exists():
-        torch.ops.load_library(str(lib))
-    else:
-        _build(d, lib)
-    torch.library.register_fake("effroll::int4_mm")(_int4_mm_fake)
-    if not ctypes.CDLL(str(lib)).effroll_int4_cpu_supported():
-        raise RuntimeError("this CPU lacks AVX2/FMA")
+    def __init__(self, stem: str, probe: str, fakes: dict):
+        self.src = _DIR / f"{stem}.cpp"
+        self.stem, self.name, self.probe, self.fakes = stem, f"effroll_{stem}", probe, fakes
+        self._lock = threading.Lock()
+        self._state: dict[str, object] = {}  # "ok": bool, "error": str, "build_s": float
 
+    def build_dir(self) -> Path:
+        """Where the compiled library lives: keyed by the sources, the flags and the torch build."""
+        key = hashlib.sha256()
+        for part in (self.src.read_bytes(), *(h.read_bytes() for h in _HEADERS), repr((_CFLAGS, _LDFLAGS)).encode(),
+                     torch.__version__.encode(), str(torch.version.git_version).encode(), platform.machine().encode()):
+            key.update(part)
+        return cache_dir() / "kernels" / f"{self.stem}-{key.hexdigest()[:16]}"
 
-def _build(d: Path, lib: Path) -> None:
-    """Compile (and load) in a private directory, then move the library into ``d`` in one rename: a process
-    that finds ``lib`` finds it complete, and a build that dies leaves no lock behind for others to wait on."""
-    import shutil
-    import tempfile
-    import time
+    def _load(self) -> None:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            raise RuntimeError(f"not an x86-64 CPU ({platform.machine()})")
+        d = self.build_dir()
+        lib = d / f"{self.name}.so"
+        if lib.exists():
+            torch.ops.load_library(str(lib))
+        else:
+            self._build(d, lib)
+        for op, fake in self.fakes.items():
+            torch.library.register_fake(f"effroll::{op}")(fake)
+        if not getattr(ctypes.CDLL(str(lib)), f"effroll_{self.probe}_cpu_supported")():
+            raise RuntimeError("this CPU lacks AVX2/FMA")
 
-    from torch.utils import cpp_extension
+    def _build(self, d: Path, lib: Path) -> None:
+        """Compile (and load) in a private directory, then move the library into ``d`` in one rename: a process
+        that finds ``lib`` finds it complete, and a build that dies leaves no lock behind for others to wait on."""
+        import shutil
+        import tempfile
+        import time
 
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=d))
-    try:
-        t0 = time.perf_counter()
-        cpp_extension.load(_NAME, [str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=str(tmp),
-                           is_python_module=False, verbose=False)
-        _state["build_s"] = time.perf_counter() - t0
-        os.replace(tmp / lib.name, lib)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        from torch.utils import cpp_extension
+
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="build-", dir=d))
+        try:
+            t0 = time.perf_counter()
+            cpp_extension.load(self.name, [str(self.src)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                               build_directory=str(tmp), is_python_module=False, verbose=False)
+            self._state["build_s"] = time.perf_counter() - t0
+            os.replace(tmp / lib.name, lib)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def available(self) -> bool:
+        """Whether this library's ops are built, loaded and usable on this CPU (builds on first call)."""
+        with self._lock:
+            if "ok" not in self._state:
+                try:
+                    self._load()
+                    self._state["ok"] = True
+                except Exception as e:  # noqa: BLE001 - any build/load failure means: use torch's kernel
+                    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+                    err = next((ln for ln in lines if "error:" in ln),  # the compiler's first error, else
+                               next((ln for ln in lines if "error" in ln.lower()), lines[0]))
+                    self._state["ok"], self._state["error"] = False, f"{type(e).__name__}: {err.strip()[:300]}"
+            return bool(self._state["ok"])
+
+    def unavailable_reason(self) -> str | None:
+        """Why :meth:`available` is False (first error line of the build or load), else None."""
+        self.available()
+        return self._state.get("error")  # type: ignore[return-value]
+
+    def build_seconds(self) -> float | None:
+        """Wall time of this process's build (None when the cached library was loaded)."""
+        return self._state.get("build_s")  # type: ignore[return-value]
 
 
 def _int4_mm_fake(x, packed, scales_zeros, group_size, n):
     return x.new_empty((x.shape[0], n))
 
 
+INT4 = Library("int4_gemm", "int4", {"int4_mm": _int4_mm_fake})
+
+
+# The INT4 library's state under the names its callers have used since it was the only one.
+def build_dir() -> Path:
+    return INT4.build_dir()
+
+
 def available() -> bool:
     """Whether ``torch.ops.effroll.int4_mm`` is built, loaded and usable on this CPU (builds on first call)."""
-    with _lock:
-        if "ok" not in _state:
-            try:
-                _load()
-                _state["ok"] = True
-            except Exception as e:  # noqa: BLE001 - any build/load failure means: use torch's kernel
-                lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
-                err = next((ln for ln in lines if "error" in ln.lower()), lines[0])
-                _state["ok"], _state["error"] = False, f"{type(e).__name__}: {err.strip()[:300]}"
-        return bool(_state["ok"])
+    return INT4.available()
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`available` is False (first error line of the build or load), else None."""
-    available()
-    return _state.get("error")  # type: ignore[return-value]
+    return INT4.unavailable_reason()
 
 
 def build_seconds() -> float | None:
-    """Wall time of this process's build (None when the cached library was loaded)."""
-    return _state.get("build_s")  # type: ignore[return-value]
+    return INT4.build_seconds()
+
+
+def choice(env: str) -> str:
+    """The kernel an env switch asks for: ``auto`` (unset or empty), ``effroll`` or ``torch`` (A/B runs); any
+    other value is a ValueError naming it. What ``auto`` picks is each caller's rule."""
+    c = os.environ.get(env, "auto").strip().lower() or "auto"
+    if c not in ("auto", "effroll", "torch"):
+        raise ValueError(f"{env}={c!r}: expected 'auto', 'effroll' or 'torch'")
+    return c
 
 
 # --------------------------------------------------------------------------- packing (vectorised, no row loops)
@@ -160,3 +202,4 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, g
     if not available():
         raise RuntimeError(f"int4_mm: the effroll kernel is unavailable ({unavailable_reason()})")
     return torch.ops.effroll.int4_mm(x, packed.contiguous(), scales_zeros.contiguous(), group_size, n)
+
