@@ -3,10 +3,12 @@
 * ``torch.ops.effroll.int4_mm`` (``int4_gemm.cpp``; the INT4 drafter's linears). Layout (see the C++ header
   comment): ``packed`` uint8 ``[T, Kp, 8]`` with ``T = ceil(N / 16)`` tiles of 16 output rows,
   ``scales_zeros`` bf16 ``[T, G, 2, 16]``.
+* ``torch.ops.effroll.bf16_linear`` (``bf16_gemm.cpp``; the bf16 target's linears where oneDNN's bf16 linear
+  does not run): ``x [M, K] @ w[N, K].T (+ bias)`` on the weight as it is, no packed copy.
 
-Each source is its own :class:`Library` (``INT4``), compiled once per source/headers/flags/torch
+Each source is its own :class:`Library` (``INT4``, ``BF16``), compiled once per source/headers/flags/torch
 version into ``<EFFROLL_CACHE or ~/.cache/effroll>/kernels/<stem>-<hash>/``; one that fails to build leaves
-the others usable. :func:`choice` reads the env switches (``EFFROLL_INT4_KERNEL``).
+the other usable. :func:`choice` reads the env switches (``EFFROLL_INT4_KERNEL``, ``EFFROLL_BF16_KERNEL``).
 """
 
 from __future__ import annotations
@@ -115,7 +117,12 @@ def _int4_mm_fake(x, packed, scales_zeros, group_size, n):
     return x.new_empty((x.shape[0], n))
 
 
+def _bf16_linear_fake(x, w, bias):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
 INT4 = Library("int4_gemm", "int4", {"int4_mm": _int4_mm_fake})
+BF16 = Library("bf16_gemm", "bf16", {"bf16_linear": _bf16_linear_fake})
 
 
 # The INT4 library's state under the names its callers have used since it was the only one.
@@ -203,3 +210,28 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, g
         raise RuntimeError(f"int4_mm: the effroll kernel is unavailable ({unavailable_reason()})")
     return torch.ops.effroll.int4_mm(x, packed.contiguous(), scales_zeros.contiguous(), group_size, n)
 
+
+BF16_KERNEL_ENV = "EFFROLL_BF16_KERNEL"  # "torch": bf16 linears never run effroll's kernel (A/B runs); see Linear
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K]`` bf16 @ ``w [N, K]`` bf16 transposed (+ ``bias [N]`` bf16) -> bf16 ``[M, N]``, fp32 accumulation
+    and one rounding (checked arguments; ``x`` may have any strides, ``w`` needs unit column stride)."""
+    for name, t in (("x", x), ("w", w), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bf16_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"bf16_linear: {name} must be on the CPU, got {t.device}")
+        if t.dtype != torch.bfloat16:
+            raise TypeError(f"bf16_linear: {name} must be bfloat16, got {t.dtype}")
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"bf16_linear: x and w must be 2-D, got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"bf16_linear: x has {x.shape[1]} columns but w has {w.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise ValueError(f"bf16_linear: bias has shape {tuple(bias.shape)}, expected ({w.shape[0]},) (w's rows)")
+    if not BF16.available():
+        raise RuntimeError(f"bf16_linear: the effroll kernel is unavailable ({BF16.unavailable_reason()})")
+    return torch.ops.effroll.bf16_linear(x, w if w.stride(1) == 1 else w.contiguous(), bias)
