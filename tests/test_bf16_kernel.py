@@ -1,15 +1,27 @@
-"""effroll's CPU bf16 GEMM (torch.ops.effroll.bf16_linear) against a float32 matmul."""
+"""effroll's CPU bf16 GEMM (torch.ops.effroll.bf16_linear) against a float32 matmul, and Linear's use of it."""
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from effroll import kernels
+from effroll.engine import model as model_mod
+
+from conftest import needs_cxx, random_model, tiny_config
 
 needs_kernel = pytest.mark.skipif(not kernels.BF16.available(),
                                   reason=f"effroll's bf16 kernel is unavailable: {kernels.BF16.unavailable_reason()}")
 pytestmark = needs_kernel
+
+
+@pytest.fixture(autouse=True)
+def _auto_path(monkeypatch):
+    monkeypatch.delenv(kernels.BF16_KERNEL_ENV, raising=False)
 
 
 def ulps_off(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> float:
@@ -87,7 +99,7 @@ def test_the_bound_catches_plausible_kernel_bugs():
         assert ulps_off(y_bug.bfloat16(), x, w, b) > 1, name
 
 
-def test_strided_inputs_m0_k0_and_nonfinite_rows():
+def test_strided_and_3d_inputs_m0_k0_and_nonfinite_rows():
     w, b, gen = make(40, 600)
     wide = torch.randn(9, 1000, generator=gen).bfloat16()[:, 100:700]  # x rows strided
     assert ulps_off(kernels.bf16_linear(wide, w, b), wide, w, b) <= 1
@@ -99,6 +111,12 @@ def test_strided_inputs_m0_k0_and_nonfinite_rows():
     assert kernels.bf16_linear(torch.empty(0, 600, dtype=torch.bfloat16), w, b).shape == (0, 40)
     assert torch.equal(kernels.bf16_linear(torch.empty(3, 0, dtype=torch.bfloat16), w[:, :0], b),
                        b.expand(3, 40))  # K = 0: the bias alone
+    x3 = torch.randn(4, 3, 600, generator=gen).bfloat16()  # [..., K] in, [..., N] out: flattened in place ...
+    y3 = kernels.bf16_linear(x3, w, b)
+    assert y3.shape == (4, 3, 40) and y3.is_contiguous()
+    assert torch.equal(y3.view(12, 40), kernels.bf16_linear(x3.view(12, 600), w, b))
+    xs = x3.transpose(0, 1)  # ... or copied when the leading dims are not one row stride apart
+    assert torch.equal(kernels.bf16_linear(xs, w, b), y3.transpose(0, 1))
     x = torch.randn(3, 600, generator=gen).bfloat16()
     x[1, 5] = float("nan")
     y = kernels.bf16_linear(x, w, b)
@@ -126,8 +144,8 @@ def test_bad_arguments_are_errors_naming_the_value():
         kernels.bf16_linear(x.float(), w, b)
     with pytest.raises(TypeError, match="bias must be bfloat16"):
         kernels.bf16_linear(x, w, b.float())
-    with pytest.raises(ValueError, match=r"2-D, got x \(1, 2, 600\)"):
-        kernels.bf16_linear(x[None], w, b)
+    with pytest.raises(ValueError, match=r"at least 2 dims and w 2, got x \(600,\)"):
+        kernels.bf16_linear(x[0], w, b)
     with pytest.raises(ValueError, match="x has 599 columns but w has 600"):
         kernels.bf16_linear(x[:, :599], w, b)
     with pytest.raises(ValueError, match=r"bias has shape \(39,\), expected \(40,\)"):
@@ -151,3 +169,153 @@ def test_fake_impl_passes_opcheck():
     for bias in (b, None):
         res = torch.library.opcheck(torch.ops.effroll.bf16_linear.default, (x, w, bias))
         assert set(res.values()) == {"SUCCESS"}, res
+
+
+# --------------------------------------------------------------------------- Linear
+
+
+def make_linear(n: int, k: int, bias: bool = True, seed: int = 0) -> model_mod.Linear:
+    lin = model_mod.Linear(k, n, bias=bias).bfloat16().requires_grad_(False)
+    w, b, _ = make(n, k, seed)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias:
+            lin.bias.copy_(b)
+    return lin
+
+
+def effroll_path_expected() -> str:
+    return "onednn" if model_mod.packed_bf16_ok() else "effroll"
+
+
+def test_linear_takes_the_kernel_for_3d_bias_and_in_place_weight_updates():
+    assert model_mod.bf16_linear_path() == effroll_path_expected()
+    if model_mod.bf16_linear_path() != "effroll":
+        pytest.skip("oneDNN's bf16 linear runs here: auto keeps it (EFFROLL_BF16_KERNEL=effroll is tested below)")
+    lin = make_linear(45, 577)
+    x = torch.randn(2, 3, 577).bfloat16()
+    y = lin(x)
+    assert y.shape == (2, 3, 45) and y.dtype == torch.bfloat16
+    assert torch.equal(y.reshape(6, 45), kernels.bf16_linear(x.reshape(6, 577), lin.weight, lin.bias))
+    assert torch.equal(lin(x[:, 1:]), y[:, 1:])  # rows strided in a non-flattenable 3-D view
+    assert ulps_off(y, x, lin.weight, lin.bias) <= 1
+    with torch.no_grad():
+        lin.weight.mul_(2)  # what update_policy does: new values in the same tensor
+    assert ulps_off(lin(x), x, lin.weight, lin.bias) <= 1
+    assert lin(torch.empty(2, 0, 577, dtype=torch.bfloat16)).shape == (2, 0, 45)
+
+
+def test_linear_uses_f_linear_when_autograd_needs_the_result():
+    lin = make_linear(16, 32).requires_grad_(True)
+    x = torch.randn(4, 32).bfloat16()
+    y = lin(x)
+    assert y.grad_fn is not None
+    y.float().sum().backward()
+    assert lin.weight.grad is not None
+    with torch.no_grad():
+        assert lin(x).grad_fn is None
+
+
+def test_env_switch(monkeypatch):
+    lin = make_linear(40, 72)
+    x = torch.randn(5, 72).bfloat16()
+    monkeypatch.setenv(kernels.BF16_KERNEL_ENV, "torch")
+    assert model_mod.bf16_linear_path() == ("onednn" if model_mod.packed_bf16_ok() else "torch")
+    if not model_mod.packed_bf16_ok():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    monkeypatch.setenv(kernels.BF16_KERNEL_ENV, "effroll")  # even where oneDNN runs
+    assert model_mod.bf16_linear_path() == "effroll"
+    assert torch.equal(lin(x), torch.ops.effroll.bf16_linear(x, lin.weight, lin.bias))
+    monkeypatch.setenv(kernels.BF16_KERNEL_ENV, " AUTO ")
+    assert model_mod.bf16_linear_path() == effroll_path_expected()
+    monkeypatch.setenv(kernels.BF16_KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="EFFROLL_BF16_KERNEL='fast'"):
+        lin(x)
+
+
+def test_unavailable_kernel_warns_once_and_uses_torch(monkeypatch):
+    monkeypatch.setattr(kernels.BF16, "available", lambda: False)
+    monkeypatch.setattr(kernels.BF16, "unavailable_reason", lambda: "RuntimeError: stand-in build failure")
+    monkeypatch.setattr(model_mod, "packed_bf16_ok", lambda: False)  # a CPU where auto wants effroll's kernel
+    monkeypatch.setattr(model_mod, "_BF16_PATHS", {})
+    __import__("effroll.once").once.forget()
+    lin = make_linear(24, 40)
+    x = torch.randn(3, 40).bfloat16()
+    with pytest.warns(RuntimeWarning, match="stand-in build failure"):
+        y = lin(x)
+    assert model_mod.bf16_linear_path() == "torch"
+    assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lin(x)
+        monkeypatch.setattr(model_mod, "_BF16_PATHS", {})  # resolved again: the reason was warned already
+        assert model_mod.bf16_linear_path() == "torch"
+
+
+def test_lm_head_goes_through_the_kernel():
+    if model_mod.bf16_linear_path() != "effroll":
+        pytest.skip("oneDNN's bf16 linear runs here")
+    m = random_model(tiny_config(vocab=97, tie_word_embeddings=True), seed=3, std=0.3).to(torch.bfloat16)
+    h = torch.randn(2, 5, 32).bfloat16()
+    logits = m.logits(h)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 5, 97)
+    assert torch.equal(logits, torch.ops.effroll.bf16_linear(h.reshape(10, 32), m.embed.weight, None)
+                       .float().view(2, 5, 97))
+
+
+@needs_cxx
+@torch.no_grad()
+def test_inside_torch_compile_without_graph_breaks(monkeypatch):
+    monkeypatch.setenv(kernels.BF16_KERNEL_ENV, "effroll")  # the op even where oneDNN runs
+    lin = make_linear(40, 600)
+
+    def f(x):
+        return torch.relu(lin(x * 2)) + 1
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)  # fullgraph: a graph break would raise
+    for m in (1, 3, 8):
+        x = torch.randn(m, 600).bfloat16()
+        torch.testing.assert_close(cf(x), f(x), rtol=1e-2, atol=1e-2)  # inductor may skip a bf16 rounding
+    gm = []
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True, backend=lambda g, _: gm.append(g) or g)(torch.randn(2, 600).bfloat16())
+    assert "effroll.bf16_linear" in gm[0].code  # one opaque node, traced through the fake implementation
+
+
+@pytest.mark.skipif(not os.environ.get("EFFROLL_MODEL"), reason="EFFROLL_MODEL (a bf16 checkpoint directory) is not set")
+@torch.no_grad()
+def test_real_model_prefill_and_decode_logits(monkeypatch):
+    """The real target through effroll's kernel (prefill of 48 tokens, then 4 decode steps of a batch of 3) is as
+    close to its float32 forward as F.linear's path, and decode rows do not depend on the batch."""
+    from effroll.checkpoints import load_model
+    from effroll.engine.kv_cache import KVCache
+
+    target = load_model(os.environ["EFFROLL_MODEL"])
+    if target.dtype != torch.bfloat16:
+        pytest.skip(f"the checkpoint loads as {target.dtype}")
+    ref = load_model(os.environ["EFFROLL_MODEL"], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, target.cfg.vocab_size, (3, 48), generator=gen)
+    steps = torch.randint(0, target.cfg.vocab_size, (3, 4), generator=gen)
+
+    def run(model, rows):
+        cache = KVCache(model.cfg, len(rows), 64, model.dtype, "cpu")
+        out = [model.logits(model(prompt[rows], torch.zeros(len(rows), dtype=torch.long), cache, [0] * len(rows)))]
+        for t in range(steps.shape[1]):
+            pos = 48 + t
+            h = model(steps[rows, t : t + 1], torch.full((len(rows),), pos), cache, [pos] * len(rows))
+            out.append(model.logits(h))
+        return torch.cat(out, 1).float()
+
+    want = run(ref, [0, 1, 2])
+    got = {}
+    for env in ("torch", "auto"):
+        monkeypatch.setenv(kernels.BF16_KERNEL_ENV, env)
+        got[env] = run(target, [0, 1, 2])
+    assert model_mod.bf16_linear_path() == effroll_path_expected()
+    rel = {e: float((g - want).norm() / want.norm()) for e, g in got.items()}
+    agree = {e: float((g.argmax(-1) == want.argmax(-1)).float().mean()) for e, g in got.items()}
+    assert rel["auto"] < 0.05 and rel["auto"] <= 1.2 * rel["torch"], rel
+    assert agree["auto"] >= 0.9 and agree["auto"] >= agree["torch"] - 0.03, agree
+    if model_mod.bf16_linear_path() == "effroll":
+        assert torch.equal(run(target, [1]), got["auto"][1:2])  # row 1 alone = row 1 of the batch of 3

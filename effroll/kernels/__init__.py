@@ -118,7 +118,7 @@ def _int4_mm_fake(x, packed, scales_zeros, group_size, n):
 
 
 def _bf16_linear_fake(x, w, bias):
-    return x.new_empty((x.shape[0], w.shape[0]))
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 INT4 = Library("int4_gemm", "int4", {"int4_mm": _int4_mm_fake})
@@ -215,8 +215,8 @@ BF16_KERNEL_ENV = "EFFROLL_BF16_KERNEL"  # "torch": bf16 linears never run effro
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K]`` bf16 @ ``w [N, K]`` bf16 transposed (+ ``bias [N]`` bf16) -> bf16 ``[M, N]``, fp32 accumulation
-    and one rounding (checked arguments; ``x`` may have any strides, ``w`` needs unit column stride)."""
+    """``x [..., K]`` bf16 @ ``w [N, K]`` bf16 transposed (+ ``bias [N]`` bf16) -> bf16 ``[..., N]``, fp32
+    accumulation and one rounding (checked arguments; ``x`` may have any strides)."""
     for name, t in (("x", x), ("w", w), ("bias", bias)):
         if t is None and name == "bias":
             continue
@@ -226,10 +226,11 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
             raise ValueError(f"bf16_linear: {name} must be on the CPU, got {t.device}")
         if t.dtype != torch.bfloat16:
             raise TypeError(f"bf16_linear: {name} must be bfloat16, got {t.dtype}")
-    if x.dim() != 2 or w.dim() != 2:
-        raise ValueError(f"bf16_linear: x and w must be 2-D, got x {tuple(x.shape)} and w {tuple(w.shape)}")
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"bf16_linear: x has {x.shape[1]} columns but w has {w.shape[1]}")
+    if x.dim() < 2 or w.dim() != 2:
+        raise ValueError(f"bf16_linear: x must have at least 2 dims and w 2, got x {tuple(x.shape)} and w "
+                         f"{tuple(w.shape)}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"bf16_linear: x has {x.shape[-1]} columns but w has {w.shape[1]}")
     if bias is not None and tuple(bias.shape) != (w.shape[0],):
         raise ValueError(f"bf16_linear: bias has shape {tuple(bias.shape)}, expected ({w.shape[0]},) (w's rows)")
     if not BF16.available():

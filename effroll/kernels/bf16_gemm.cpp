@@ -1,4 +1,5 @@
-// effroll::bf16_linear: y[M, N] (bf16) = x[M, K] (bf16) @ W[N, K]^T (+ bias[N]), AVX2 + FMA, fp32 accumulation.
+// effroll::bf16_linear: y[..., N] (bf16) = x[..., K] (bf16) @ W[N, K]^T (+ bias[N]), AVX2 + FMA, fp32 accumulation;
+// M = the product of x's leading sizes.
 //
 // The weight is read in its own [N, K] layout (unit column stride, any row stride): no packed copy doubles the
 // model's memory, and a weight changed in place is simply read again. Dot-product form: a micro-kernel takes NR
@@ -210,11 +211,11 @@ using torch::stable::Tensor;
 Tensor bf16_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
   STD_TORCH_CHECK(cpu_supported(), "effroll::bf16_linear needs an x86-64 CPU with AVX2 and FMA");
   STD_TORCH_CHECK(x.is_cpu() && w.is_cpu(), "effroll::bf16_linear: CPU tensors only");
-  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::BFloat16,
-                  "effroll::bf16_linear: x must be 2-D bfloat16, got ", x.dim(), "-D");
+  STD_TORCH_CHECK(x.dim() >= 2 && x.scalar_type() == ScalarType::BFloat16,
+                  "effroll::bf16_linear: x must be bfloat16 with at least 2 dims, got ", x.dim(), "-D");
   STD_TORCH_CHECK(w.dim() == 2 && w.scalar_type() == ScalarType::BFloat16,
                   "effroll::bf16_linear: w must be 2-D bfloat16, got ", w.dim(), "-D");
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  const int64_t d = x.dim(), k = x.size(d - 1), n = w.size(0);
   STD_TORCH_CHECK(w.size(1) == k, "effroll::bf16_linear: x has ", k, " columns, w has ", w.size(1));
   STD_TORCH_CHECK(w.stride(1) == 1 || w.size(1) <= 1, "effroll::bf16_linear: w's columns must be contiguous (stride ",
                   w.stride(1), ")");
@@ -223,15 +224,27 @@ Tensor bf16_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
                         bias->scalar_type() == ScalarType::BFloat16,
                     "effroll::bf16_linear: bias must be a CPU bfloat16 vector of ", n, " (w's rows)");
   }
-  const int64_t sizes[2] = {m, n}, strides[2] = {n, 1};
+  // x [..., K] is M = prod(leading sizes) rows: read in place when they are one row stride apart (any row stride,
+  // unit column stride), else from a contiguous copy. The output is [..., N], contiguous.
+  int64_t m = 1;
+  bool rows_ok = x.stride(d - 1) == 1 || k <= 1;
+  for (int64_t i = 0; i < d - 1; ++i) {
+    m *= x.size(i);
+    if (i + 1 < d - 1 && x.size(i) > 1 && x.stride(i) != x.stride(i + 1) * x.size(i + 1)) rows_ok = false;
+  }
+  std::vector<int64_t> sizes(d), strides(d);
+  for (int64_t i = d - 1; i >= 0; --i) {
+    sizes[i] = i == d - 1 ? n : x.size(i);
+    strides[i] = i == d - 1 ? 1 : strides[i + 1] * sizes[i + 1];
+  }
   AtenTensorHandle out = nullptr;  // direct shim call: no dispatcher lookup per output
-  STD_TORCH_CHECK(aoti_torch_empty_strided(2, sizes, strides, aoti_torch_dtype_bfloat16(),
+  STD_TORCH_CHECK(aoti_torch_empty_strided(d, sizes.data(), strides.data(), aoti_torch_dtype_bfloat16(),
                                            aoti_torch_device_type_cpu(), 0, &out) == AOTI_TORCH_SUCCESS,
                   "effroll::bf16_linear: allocating the output failed");
   Tensor y(out);
   if (m == 0 || n == 0) return y;
 #if EFFROLL_X86
-  const Tensor xc = x.stride(1) == 1 ? x : torch::stable::contiguous(x);
+  const Tensor xc = rows_ok ? x : torch::stable::contiguous(x);
   const int64_t kp = (k + 15) & ~int64_t(15);
   thread_local std::vector<float> buf;  // reused across calls: no page faults for a fresh buffer each time
   buf.resize(m * kp + n + 4 + 8);
@@ -247,7 +260,7 @@ Tensor bf16_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
     }
   }
   const auto* xb = static_cast<const uint16_t*>(xc.const_data_ptr());
-  const int64_t ldx = xc.stride(0);
+  const int64_t ldx = xc.stride(d - 2);
   // Row blocks of at most kMaxMR rows, as even as possible (7 rows run as 4 + 3, not 6 + 1).
   const int64_t nrb = (m + kMaxMR - 1) / kMaxMR, rbase = m / nrb, rextra = m % nrb;
   const int64_t mr = rbase + (rextra > 0);
