@@ -209,7 +209,8 @@ class Linear(nn.Linear):
       F.linear, e.g. the 49152x576 LM head 4.8 -> 2.8 ms). The packed copy is rebuilt whenever the weight
       changes in place (its ``_version`` moves) or is replaced, so loading new policy weights needs no extra call;
     * else effroll's AVX2 kernel on the weight itself (no copy, nothing to invalidate), except when autograd
-      needs the result (the op has no backward).
+      needs the result (the op has no backward). No row count sends it back to F.linear: bf16 F.linear was
+      slower at every M measured, 1 to 2048 (experiments/README.md, section 9).
     """
 
     _packed: torch.Tensor | None = None
