@@ -108,6 +108,8 @@ def test_strided_and_3d_inputs_m0_k0_and_nonfinite_rows():
     ww = torch.randn(40, 700, generator=gen).bfloat16()[:, :600]  # weight rows strided (read in place)
     assert ww.stride() == (700, 1)
     assert ulps_off(kernels.bf16_linear(wide, ww, b), wide, ww, b) <= 1
+    we = w[:1].expand(40, 600)  # every weight row the same memory (row stride 0)
+    assert we.stride() == (0, 1) and ulps_off(kernels.bf16_linear(wide, we, b), wide, we, b) <= 1
     assert kernels.bf16_linear(torch.empty(0, 600, dtype=torch.bfloat16), w, b).shape == (0, 40)
     assert torch.equal(kernels.bf16_linear(torch.empty(3, 0, dtype=torch.bfloat16), w[:, :0], b),
                        b.expand(3, 40))  # K = 0: the bias alone

@@ -271,7 +271,7 @@ Tensor bf16_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   });
   Problem p{static_cast<const uint16_t*>(w.const_data_ptr()), xf, bf, static_cast<uint16_t*>(y.mutable_data_ptr()),
             n, k, kp, w.stride(0)};
-  const int64_t nblocks = (n + nr - 1) / nr, block_bytes = nr * w.stride(0) * 2;
+  const int64_t nblocks = (n + nr - 1) / nr, block_bytes = std::max<int64_t>(64, nr * std::max(w.stride(0), k) * 2);
   // Prefetch distance: whole blocks, about 8 KiB ahead (measured: 1-4 blocks within noise, none 1.4-2x slower).
   const int64_t pf_blocks = std::max<int64_t>(1, ((int64_t(1) << 13) + block_bytes - 1) / block_bytes);
   // Weight blocks per pass: ~128 KiB of weight stays in L2 while every row block of x (one in L1 at a time) meets
