@@ -1,4 +1,5 @@
-"""Output files: checked before any work, written whole or not at all (no torch, no effroll imports)."""
+"""Files: outputs checked before any work and written whole or not at all; the cache directory (no torch, no
+effroll imports)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,8 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def cache_dir() -> Path:
+    """Where effroll keeps fetched models and built kernels: ``$EFFROLL_CACHE``, else ``~/.cache/effroll``."""
+    return Path(os.environ.get("EFFROLL_CACHE", Path.home() / ".cache" / "effroll"))

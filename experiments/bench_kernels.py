@@ -14,6 +14,12 @@ in the same run:
 
 "effroll op" calls ``torch.ops.effroll.int4_mm`` on the same weights as "effroll int4" (the module):
 the difference is Int4Linear's eager Python overhead, which torch.compile'd decode steps do not pay.
+bf16: "bf16 F.linear", "bf16 Linear (<path>)" (what the engine's Linear runs here, see
+``model.bf16_linear_path``), "effroll bf16 op" (``torch.ops.effroll.bf16_linear`` on the plain weights),
+and "weight read (sum)": ``torch.sum`` over the same bytes, the read bandwidth this run actually got.
+
+``--target MODEL_DIR`` times the target's decode step with ``EFFROLL_BF16_KERNEL=torch`` vs ``auto``,
+alternating every step in one process.
 
 ``--drafter MODEL_DIR`` adds one decode step (B tokens on a 128-token KV cache, plus the LM head) of
 the target and of its INT4 drafters (shared bf16 LM head / INT4 LM head) with torch's kernel and with
@@ -42,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effroll.drafter import int4 as I  # noqa: E402
-from effroll.drafter import kernels  # noqa: E402
+from effroll import kernels  # noqa: E402
 from effroll.drafter.int4 import Int4Linear, quantize_rtn  # noqa: E402
 from effroll.engine import model as model_mod  # noqa: E402
 
@@ -122,7 +128,8 @@ class Variant:
 def build_variants(n: int, k: int, g: int, copies: int, only: list[str] | None) -> list[Variant]:
     gen = torch.Generator().manual_seed(n + k)
     ws = [torch.randn(n, k, generator=gen).mul_(0.05).bfloat16() for _ in range(copies)]
-    qws = [quantize_rtn(w, g, True) for w in ws]
+    int4_names = ("torch int4", "effroll int4", "effroll op")
+    qws = [quantize_rtn(w, g, True) for w in ws] if only is None or set(only) & set(int4_names) else []
     out = []
 
     def add(name, fns, nbytes):
@@ -134,20 +141,23 @@ def build_variants(n: int, k: int, g: int, copies: int, only: list[str] | None) 
         lin = model_mod.Linear(k, n, bias=False, device="meta")
         lin.weight = torch.nn.Parameter(w, requires_grad=False)
         lins.append(lin)
-    bf16_name = "bf16 Linear (oneDNN)" if model_mod.packed_bf16_ok() else "bf16 Linear (=F.linear here)"
-    add(bf16_name, lins, n * k * 2)
-    if model_mod.packed_bf16_ok():  # else Linear is F.linear
-        add("bf16 F.linear", [lambda x, w=w: F.linear(x, w) for w in ws], n * k * 2)
+    add("bf16 F.linear", [lambda x, w=w: F.linear(x, w) for w in ws], n * k * 2)
+    add(f"bf16 Linear ({model_mod.bf16_linear_path()})", lins, n * k * 2)  # what the engine runs
+    if kernels.BF16.available():  # the op without Linear's Python
+        bf16_op = torch.ops.effroll.bf16_linear.default
+        add("effroll bf16 op", [lambda x, w=w: bf16_op(x, w, None) for w in ws], n * k * 2)
+    # The same bytes streamed by torch.sum (fp32 view): the bandwidth this machine gives a reader in this run.
+    add("weight read (sum)", [lambda x, w=w.view(torch.float32): w.sum() for w in ws], n * k * 2)
     saved = os.environ.get(I.KERNEL_ENV)
     try:
         os.environ[I.KERNEL_ENV] = "torch"
-        torch_lins = [Int4Linear(q) for q in qws] if n % 16 == 0 else []
+        torch_lins = [Int4Linear(q) for q in qws] if n % 16 == 0 and qws else []
     finally:
         os.environ.pop(I.KERNEL_ENV) if saved is None else os.environ.__setitem__(I.KERNEL_ENV, saved)
     if torch_lins:
         tl = torch_lins[0]
         add("torch int4", torch_lins, tl.packed.numel() * tl.packed.element_size() + tl.scales_and_zeros.numel() * 2)
-    if kernels.available():
+    if kernels.available() and qws:
         ours = [Int4Linear(q) for q in qws]
         o = ours[0]
         add("effroll int4", ours, o.packed.numel() + o.scales_and_zeros.numel() * 2)
@@ -219,6 +229,21 @@ def in_cache_kernel_flops(repeats: int = 7) -> float | None:
     return 2 * 64 * 3072 * 576 / statistics.median(ts)
 
 
+def in_cache_bf16_flops(repeats: int = 7) -> float | None:
+    """FLOP/s of effroll's bf16 op at M=64 on one in-cache (L3) 3072x576 weight."""
+    if not kernels.BF16.available():
+        return None
+    w, x = (torch.randn(3072, 576) * 0.05).bfloat16(), torch.randn(64, 576).bfloat16()
+    op = torch.ops.effroll.bf16_linear.default
+    op(x, w, None)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        op(x, w, None)
+        ts.append(time.perf_counter() - t0)
+    return 2 * 64 * 3072 * 576 / statistics.median(ts)
+
+
 def drafter_steps(model_dir: str, batches, repeats: int, steps: int, compiled: bool, context: int = 128) -> dict:
     """One decode step (B tokens + LM head) of the target, the torch-INT4 drafter and the effroll-INT4 drafter,
     for two recipes (shared bf16 LM head / INT4 LM head); models alternate every step. ``compiled``: the
@@ -264,6 +289,52 @@ def drafter_steps(model_dir: str, batches, repeats: int, steps: int, compiled: b
     return out
 
 
+def target_steps(model_dir: str, batches, repeats: int, steps: int, context: int = 128) -> dict:
+    """One target decode step (B tokens on a ``context``-token KV cache, plus the LM head and argmax) with
+    ``EFFROLL_BF16_KERNEL=torch`` (F.linear here) and ``auto`` (effroll's bf16 kernel where oneDNN's does not
+    run), alternating every step in one process; each mode keeps its own cache."""
+    from effroll.checkpoints import load_model
+    from effroll.engine.kv_cache import KVCache
+
+    target = load_model(model_dir)
+    env = kernels.BF16_KERNEL_ENV
+    saved = os.environ.get(env)
+    modes = ("torch", "auto")
+    out = {"paths": {}}
+    g = torch.Generator().manual_seed(0)
+    try:
+        for mode in modes:
+            os.environ[env] = mode
+            out["paths"][mode] = model_mod.bf16_linear_path()
+        with torch.no_grad():
+            for b in batches:
+                prompt = torch.randint(0, target.cfg.vocab_size, (b, context), generator=g)
+                caches = {}
+                for mode in modes:
+                    os.environ[env] = mode
+                    caches[mode] = KVCache(target.cfg, b, context + repeats * steps + 8, target.dtype, target.device)
+                    target(prompt, torch.zeros(b, dtype=torch.long), caches[mode], [0] * b)
+                times = {mode: [] for mode in modes}
+                tok = torch.zeros(b, 1, dtype=torch.long)
+                for j in range(repeats * steps + 2):
+                    pos = context + j
+                    for mode in modes:
+                        os.environ[env] = mode
+                        t0 = time.perf_counter()
+                        h = target(tok, torch.full((b,), pos), caches[mode], [pos] * b)
+                        target.logits(h[:, -1]).argmax(-1).tolist()
+                        if j >= 2:
+                            times[mode].append(time.perf_counter() - t0)
+                out[b] = {mode: stats(ts) for mode, ts in times.items()}
+                r = out[b]["torch"]["median"] / out[b]["auto"]["median"]
+                print(f"target decode step, batch {b} (ms median [min-max] over {repeats * steps} steps): "
+                      + ", ".join(f"{m} ({out['paths'][m]}) {fmt(out[b][m], 1e3)}" for m in modes)
+                      + f"  -> {r:.2f}x faster", flush=True)
+    finally:
+        os.environ.pop(env) if saved is None else os.environ.__setitem__(env, saved)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["gate_up"], choices=[*SHAPES, "all"])
@@ -275,8 +346,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target-ms", type=float, default=30.0, help="time per (variant, M, repeat) measurement")
     ap.add_argument("--drafter", default=None, metavar="MODEL_DIR", help="also time whole decode steps")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 32])
-    ap.add_argument("--no-linears", action="store_true", help="only the decode steps (with --drafter)")
+    ap.add_argument("--no-linears", action="store_true", help="only the decode steps (with --drafter / --target)")
     ap.add_argument("--compiled", action="store_true", help="drafters decode through torch.compile (compile_drafter)")
+    ap.add_argument("--target", default=None, metavar="MODEL_DIR",
+                    help="also time the target's decode step with EFFROLL_BF16_KERNEL=torch vs auto, interleaved")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.threads:
@@ -288,19 +361,24 @@ def main(argv=None) -> int:
           f"{'available' if kernels.available() else kernels.unavailable_reason()}")
     bw = dram_bandwidth()
     flops = peak_flops()
-    kflops = in_cache_kernel_flops()
+    kflops, bflops = in_cache_kernel_flops(), in_cache_bf16_flops()
     print(f"DRAM read bandwidth {bw['limit'] / 1e9:.1f} GB/s (torch.sum 1 GiB: bf16 {bw['bfloat16'] / 1e9:.1f}, "
           f"fp32 {bw['float32'] / 1e9:.1f}); fp32 peak (in-cache 1024^3 torch.mm) {flops / 1e9:.0f} GFLOP/s; "
-          f"effroll kernel in-cache 3072x576 M=64: {kflops / 1e9 if kflops else float('nan'):.0f} GFLOP/s")
+          f"effroll kernels in-cache 3072x576 M=64: int4 {kflops / 1e9 if kflops else float('nan'):.0f}, "
+          f"bf16 {bflops / 1e9 if bflops else float('nan'):.0f} GFLOP/s")
     result = {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(), "dram_bytes_per_s": bw,
-              "peak_flops_mm": flops, "kernel_in_cache_flops_m64": kflops, "shapes": {}}
+              "peak_flops_mm": flops, "kernel_in_cache_flops_m64": kflops, "bf16_in_cache_flops_m64": bflops,
+              "load_avg_start": os.getloadavg(), "shapes": {}}
     for kind in [] if a.no_linears else shapes:
         r = bench_shape(kind, a.group_size, a.ms, a.repeats, bw["limit"], flops, a.variants, a.target_ms / 1e3)
         print_shape(kind, r)
         result["shapes"][kind] = r
+    if a.target:
+        result["target_steps_bf16_kernel"] = target_steps(a.target, a.batches, a.repeats, 3)
     if a.drafter:
         key = "decode_steps_compiled" if a.compiled else "decode_steps"
         result[key] = drafter_steps(a.drafter, a.batches, a.repeats, 3, a.compiled)
+    result["load_avg_end"] = os.getloadavg()  # other processes on this machine (2 CPUs): > 0 means shared
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=1))

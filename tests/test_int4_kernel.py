@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from effroll.drafter import Int4Linear, kernels, quantize_rtn
+from effroll import kernels
+from effroll.drafter import Int4Linear, quantize_rtn
 from effroll.drafter import int4 as I
 
 from conftest import needs_cxx
@@ -225,7 +226,7 @@ def test_inside_torch_compile_without_graph_breaks():
 
 def _load_in_subprocesses(n: int, cache: Path | None = None) -> list[str]:
     """``kernels.build_seconds()`` as printed by ``n`` concurrent fresh processes (optionally on a fresh cache)."""
-    code = "from effroll.drafter import kernels; assert kernels.available(), kernels.unavailable_reason(); " \
+    code = "from effroll import kernels; assert kernels.available(), kernels.unavailable_reason(); " \
            "print(kernels.build_seconds())"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}

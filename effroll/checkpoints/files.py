@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..fileio import cache_dir
 from ..engine.model import ModelConfig, Transformer, rope_inv_freq
 from .names import from_hf, to_hf
 from .read import _first_line, read_config, read_state_dict
@@ -35,10 +36,6 @@ KNOWN_MODELS = {
         "note": "weights come from a Q4_1 (asymmetric INT4, group 32) GGUF file",
     }
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EFFROLL_CACHE", Path.home() / ".cache" / "effroll"))
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:

@@ -18,7 +18,7 @@ min/max unchanged) and activations are zero-padded at run time, so the padding c
 
 Kernels (``Int4Linear.backend``):
 
-* ``"effroll"`` (CPU default): effroll's own AVX2 kernel, :mod:`effroll.drafter.kernels`
+* ``"effroll"`` (CPU default): effroll's own AVX2 kernel, :mod:`effroll.kernels`
   (``torch.ops.effroll.int4_mm``), built on first use; any N. It reads each weight tile once for all
   rows of x, where torch's CPU kernel re-dequantizes it for every few rows.
 * ``"cpu"``: torch's ``_convert_weight_to_int4pack_for_cpu(int32 codes [N, K], 1)`` packs and
@@ -34,7 +34,6 @@ back to a dequantize-then-``F.linear`` path (warned once per process and reason)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..once import warn_once
-from . import kernels
+from .. import kernels
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernels accept
 
@@ -176,10 +175,7 @@ KERNEL_ENV = "EFFROLL_INT4_KERNEL"  # "torch": torch's CPU kernel even where eff
 def _backend(device: torch.device, n: int) -> str | None:
     """'effroll' / 'cpu' / 'cuda': the kernel for this shape on ``device`` (None: dequantized matmul)."""
     if device.type == "cpu":
-        choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-        if choice not in ("auto", "effroll", "torch"):
-            raise ValueError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'effroll' or 'torch'")
-        if choice != "torch":
+        if kernels.choice(KERNEL_ENV) != "torch":
             if kernels.available():
                 return "effroll"
             _warn(f"effroll's CPU INT4 kernel is unavailable ({kernels.unavailable_reason()}); "

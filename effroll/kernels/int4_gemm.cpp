@@ -1,6 +1,6 @@
 // effroll::int4_mm: y[M, N] (bf16) = x[M, K] (bf16) @ W^T, W group-wise INT4 (AVX2 + FMA, fp32 accumulation).
 //
-// Layout (built by effroll/drafter/kernels/__init__.py: pack_weight):
+// Layout (built by effroll/kernels/__init__.py: pack_weight):
 //   packed       uint8 [T, Kp, 8], T = ceil(N / 16) tiles of 16 output rows; byte b of (t, k) holds
 //                q[16t + b, k] in its low nibble and q[16t + 8 + b, k] in its high one, so one vpmovzxbd
 //                of the 8 bytes gives q_lo + 16 q_hi per int32 lane, and `and 0xF0` gives 16 q_hi (rows 8..15).
@@ -27,26 +27,13 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define EFFROLL_X86 1
-#define TARGET __attribute__((target("avx2,fma")))
-#else
-#define EFFROLL_X86 0
-#endif
+#include "simd.h"
 
 namespace {
 
+using namespace effroll;
 constexpr int64_t kTile = 16;  // output rows per tile
 constexpr int kMaxRows = 6;    // rows of x per micro-kernel call: 6 x 16 outputs = 12 ymm accumulators
-
-bool cpu_supported() {
-#if EFFROLL_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
 
 #if EFFROLL_X86
 
@@ -58,27 +45,6 @@ struct Problem {
   uint16_t* y;        // [M, N] bf16
   int64_t n, kp, g, groups;
 };
-
-TARGET inline __m256 load_bf16x8(const uint16_t* p) {
-  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
-// fp32 -> bf16 bits in the low half of each lane, round to nearest even; NaN stays a (quiet) NaN.
-TARGET inline __m256i to_bf16_lanes(__m256 v) {
-  __m256i i = _mm256_castps_si256(v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(i, _mm256_set1_epi32(0x400000)), nan);
-  return _mm256_srli_epi32(r, 16);
-}
-
-// 16 floats (a: columns 0..7, b: 8..15) -> 16 bf16 in order.
-TARGET inline __m256i to_bf16x16(__m256 a, __m256 b) {
-  __m256i p = _mm256_packus_epi32(to_bf16_lanes(a), to_bf16_lanes(b));  // a0-3 b0-3 | a4-7 b4-7
-  return _mm256_permute4x64_epi64(p, 0xD8);
-}
 
 // R rows of x (m0 ..) times tile t, over all groups; writes y[m0 .. m0 + R, 16t .. 16t + 16) (the real columns).
 // U independent accumulator sets (k mod U) keep enough FMA chains in flight when R is small.
@@ -316,7 +282,7 @@ Tensor int4_mm(const Tensor& x, const Tensor& packed, const Tensor& scales_zeros
 // The CPU check, for the Python loader (through ctypes: an op without tensor arguments has no dispatch key).
 extern "C" int effroll_int4_cpu_supported() { return cpu_supported() ? 1 : 0; }
 
-STABLE_TORCH_LIBRARY(effroll, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(effroll, m) {  // a fragment: bf16_gemm.cpp defines ops of effroll:: too
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scales_zeros, int group_size, int n) -> Tensor");
 }
 
