@@ -59,6 +59,19 @@ def plan_shares(feeds: Sequence[Sequence[int]], cached: Sequence[Sequence[int]],
         first = rep.setdefault(tuple(f), r)
         if first != r:
             shares[r] = Share(n_old + first, len(f))
+    # Fast path: a representative whose whole prompt an old row holds (a group split over admissions).
+    if cached:
+        held: dict[tuple, int] = {}
+        for length in {len(feeds[r]) for r in rep.values()}:
+            for i, c in enumerate(cached):
+                if len(c) >= length:
+                    held.setdefault(tuple(c[:length]), i)
+        for key, r in list(rep.items()):
+            if key in held and feeds[r]:
+                shares[r] = Share(held[key], len(feeds[r]))
+                del rep[key]
+    if not rep:
+        return shares  # type: ignore[return-value]
     reps = sorted(rep.values())
     seqs = [list(c) for c in cached] + [feeds[r] for r in reps]  # index n_old + j: representative reps[j]
     order = sorted(range(len(seqs)), key=lambda i: seqs[i])
@@ -98,4 +111,4 @@ def plan_shares(feeds: Sequence[Sequence[int]], cached: Sequence[Sequence[int]],
         else:
             shares[r] = Share(None, 0)
             leader, run = i, length
-    return [s for s in shares]  # type: ignore[misc]
+    return shares  # type: ignore[return-value]
