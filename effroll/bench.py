@@ -90,7 +90,8 @@ def run_mode(llm: LLM, wl: Workload, mode: str, k: int = 4, controller_kwargs: d
     s = summarize_steps(records, llm.engine.kmax)
     return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "acceptance": s["acceptance"],
             "speculative_share": s["speculative_share"], "toggles": s["toggles"], "k_histogram": s["k_histogram"],
-            "steps": s["steps"], "records": records, "controller": wrapped.controller.stats() if mode == "adaptive" else None,
+            "steps": s["steps"], "records": records, "prefill_tokens": s["prefill_tokens"],
+            "prefill_requested": s["prefill_requested"], "prefill_s": s["prefill_s"], "controller": wrapped.controller.stats() if mode == "adaptive" else None,
             # watchdog / audit: seconds spent in them as a share of wall time, and what they reported
             "overhead": {k: v / wall for k, v in wrapped.guard_s.items()},
             "events": sum(len(r.events) for r in records), "audit": wrapped.stats()["audit"]}
@@ -127,7 +128,9 @@ def bench(llm: LLM, wl: Workload, ks: list[int], repeats: int = 1, progress: Cal
                   "watchdog_overhead": statistics.median(x["overhead"]["watchdog"] for x in runs[m]),
                   "audit_overhead": statistics.median(x["overhead"]["audit"] for x in runs[m]) if audit and m != "ar"
                   else None,
-                  "events": best["events"], "audit": best["audit"]}
+                  "events": best["events"], "audit": best["audit"],
+                  "prefill_tokens": best["prefill_tokens"], "prefill_requested": best["prefill_requested"],
+                  "prefill_s": statistics.median(x["prefill_s"] for x in runs[m])}
         out.setdefault("_records", {})[m] = best["records"]
     ar = out["ar"]["wall_s"]
     for m in modes[1:]:
@@ -194,15 +197,16 @@ def report_lines(res: dict) -> tuple[Any, list[str]]:
     t = Table(title=f"long-tail rollout: {w['requests']} requests, {w['tokens']} tokens, cap {w['max_tokens_cap']}, "
                     f"max batch {w['max_batch']}, drafter {w['recipe']}, median of {w['repeats']}; controller "
                     f"profile: {Path(w['profile']).name if w.get('profile') else 'none (learns online)'}")
-    for col in ("mode", "wall s [min-max]", "tok/s", "acceptance", "speculated", "toggles", "vs AR"):
+    for col in ("mode", "wall s [min-max]", "tok/s", "acceptance", "speculated", "toggles", "prefill s",
+                "prompt tok computed/asked", "vs AR"):
         t.add_column(col, justify="right")
     for m, r in res.items():
         if not isinstance(r, dict) or "wall_s" not in r:
             continue
         acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
         t.add_row(m, f"{r['wall_s']:.1f} [{r['wall_s_min']:.1f}-{r['wall_s_max']:.1f}]", f"{r['tok_per_s']:.1f}", acc,
-                  f"{100 * r['speculative_share']:.0f}%", f"{r['toggles']:.0f}",
-                  f"{r.get('speedup_vs_ar', 1.0):.2f}x")
+                  f"{100 * r['speculative_share']:.0f}%", f"{r['toggles']:.0f}", f"{r['prefill_s']:.1f}",
+                  f"{r['prefill_tokens']}/{r['prefill_requested']}", f"{r.get('speedup_vs_ar', 1.0):.2f}x")
     return t, [f"adaptive vs AR speed: {res['speedup_adaptive_vs_ar']:.2f}x (>1 = faster); "
                f"adaptive / best static wall time: {res['adaptive_vs_best_static']:.2f}", _checks_line(res)]
 

@@ -58,6 +58,7 @@ class LLM:
         hessian_every: int = 4,
         seed: int = 0,
         compile_drafter: bool = False,
+        share_prefill: bool = True,
     ):
         from .checkpoints import load_model, load_tokenizer
 
@@ -79,7 +80,7 @@ class LLM:
             drafter = self._derive()
         # seed: the stream that seeds requests sent without one (give each replica its own).
         self.engine = TorchEngine(self.model, drafter, max_batch=max_batch, max_seq_len=max_seq_len, kmax=kmax,
-                                  seed=seed, compile_drafter=compile_drafter)
+                                  seed=seed, compile_drafter=compile_drafter, share_prefill=share_prefill)
         self.planner: Plan | Callable[[BatchView], Plan] = Plan(0)
         self.listeners: list[Callable[[StepRecord], None]] = []
         self._session_lock = threading.RLock()  # one AdaptiveSpecRollout call at a time (see session)

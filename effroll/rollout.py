@@ -242,4 +242,7 @@ class AdaptiveSpecRollout:
             "audit": self.audit.stats() if self.audit is not None else None,
             "guard_s": dict(self.guard_s),
             "score_s": self.score_s,
+            # prompt tokens computed vs asked for, over all rollouts (shared prompt prefixes are copied)
+            "prefill_tokens": {"computed": sum(h.get("prefill_tokens", 0) for h in self.history),
+                               "requested": sum(h.get("prefill_requested", 0) for h in self.history)},
         }

@@ -36,6 +36,9 @@ def summarize_steps(records: Sequence[StepRecord], kmax: int = 16) -> dict[str, 
         "steps": len(records),
         "tokens": sum(r.tokens for r in records),
         "engine_s": sum(r.seconds + r.prefill_s for r in records),
+        "prefill_s": sum(r.prefill_s for r in records),
+        "prefill_tokens": sum(r.prefill_tokens for r in records),  # computed
+        "prefill_requested": sum(r.prefill_requested for r in records),  # asked for; the rest was shared
         "speculative_share": (sum(r.speculative for r in records) / len(records)) if records else 0.0,
         "acceptance": (sum(accepted) / nver) if nver else None,
         "verified_positions": nver,

@@ -58,9 +58,10 @@ def exact_distribution(model, prompt, params: SamplingParams, depth: int, eos: s
     return dist
 
 
-def sample_engine(target, drafter, params, plan, n=N_SAMPLES, max_batch=500, share_kv=None, compile_drafter=False):
+def sample_engine(target, drafter, params, plan, n=N_SAMPLES, max_batch=500, share_kv=None, compile_drafter=False,
+                  share_prefill=True):
     eng = TorchEngine(target, drafter, max_batch=max_batch, kmax=5, seed=123, share_kv=share_kv,
-                      compile_drafter=compile_drafter)
+                      compile_drafter=compile_drafter, share_prefill=share_prefill)
     drafted = accepted = 0
 
     def on_step(rec):
@@ -126,6 +127,8 @@ SETTINGS = [
 # drafter's own cache, the path with catch-up (speculation toggled on after AR steps feeds the missed tokens).
 OWN_CACHE = {"t1.0-k3", "t1.0-mixedK", "t0.7-toggled"}
 SETTINGS += [(name + "-owncache", params, plan) for name, params, plan in SETTINGS if name in OWN_CACHE]
+# Every setting samples one prompt n times, so rows copy the prompt's KV (shared prefill); this one computes it.
+SETTINGS += [("t1.0-k3-noshare", SamplingParams(temperature=1.0, max_tokens=6), Plan(3))]
 # The drafter's decode through torch.compile'd layer chunks (compile_drafter): per-row K, toggling, catch-up.
 COMPILED = {"t1.0-k3", "t1.0-mixedK", "t0.7-toggled", "t0.7-toggled-owncache"}
 SETTINGS += [(name + "-compiled", params, plan) for name, params, plan in SETTINGS if name in COMPILED]
@@ -144,7 +147,7 @@ def test_speculative_matches_exact_distribution(tiny_pair, name, params, plan):
     if compiled:
         drafter = copy.copy(drafter)  # same modules; the compile flag stays off the session fixture
     counts, acc = sample_engine(target, drafter, params, plan, share_kv="-owncache" not in name,
-                                compile_drafter=compiled)
+                                compile_drafter=compiled, share_prefill="-noshare" not in name)
     assert not compiled or compiled_mod.compile_error is None
     assert sum(counts.values()) == N_SAMPLES
     p = chi_square_pvalue(counts, exact, N_SAMPLES)

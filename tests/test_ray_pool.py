@@ -12,7 +12,7 @@ import torch
 
 from effroll.checkpoints import save_hf_checkpoint
 from effroll.digest import module_digest
-from effroll.dist.pool import RayRolloutPool, WorkersLostError, assign, expected_work
+from effroll.dist.pool import RayRolloutPool, WorkersLostError, assign, expected_work, prompt_key
 from effroll.engine.sampling import SamplingParams, stream_seed
 from effroll import AdaptiveSpecRollout
 from effroll.llm import LLM
@@ -66,6 +66,8 @@ def test_work_estimate_and_assignment():
     # Largest first onto the least-loaded worker, counting work already queued there.
     assert assign([10, 1, 4, 5], {0: 0.0, 1: 0.0}) == {0: [0], 1: [3, 2, 1]}
     assert assign([3, 3], {0: 5.0, 1: 0.0}) == {0: [], 1: [0, 1]}
+    assert prompt_key([1, 2]) == prompt_key({"prompt_token_ids": (1, 2)}) != prompt_key([1, 3])
+    assert prompt_key("hi") == prompt_key({"prompt": "hi"})
 
 
 def test_outputs_match_in_process_engine_in_callers_order(ar_pool, checkpoint):
@@ -86,11 +88,15 @@ def test_outputs_match_in_process_engine_in_callers_order(ar_pool, checkpoint):
     assert st["last"]["tokens"] == sum(len(t[0]) for t in tokens(outs)) and st["last"]["workers"] == 2
     assert st["pool"] == {"started": 2, "alive": [0, 1], "lost": {}, "requeued_requests": 0}
 
-    # n > 1 stays on one actor; unseeded copies of one prompt on different actors are independent samples.
+    # n > 1 stays on one actor, and so do equal prompts sent separately; unseeded copies are still independent.
     two = ar_pool.generate([{"prompt_token_ids": [5, 6]}], {"n": 2, "max_tokens": 5, "seed": 3})
     assert tokens(two) == tokens(ref_llm.generate([{"prompt_token_ids": [5, 6]}], {"n": 2, "max_tokens": 5, "seed": 3}))
     pair = ar_pool.generate([[5, 6, 7]] * 2, SamplingParams(max_tokens=24, ignore_eos=True))
-    assert pair[0].outputs[0].token_ids != pair[1].outputs[0].token_ids  # actors seed from their own streams
+    assert pair[0].outputs[0].token_ids != pair[1].outputs[0].token_ids  # each request its own seed
+    # A GRPO group sent as equal prompts lands on one actor, which prefills the prompt once.
+    ar_pool.generate([[30] * 12] * 4 + [[31, 32, 33]], SamplingParams(max_tokens=3, ignore_eos=True))
+    last = ar_pool.stats()["last"]
+    assert (last["prefill_tokens"], last["prefill_requested"]) == (11 + 2, 4 * 11 + 2)
 
 
 def test_policy_update_reaches_every_actor(ar_pool, checkpoint):

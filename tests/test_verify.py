@@ -31,6 +31,28 @@ def test_verify_passes_on_torch_engine(small_pair, mode):
     assert all({"name", "passed", "statistic", "threshold"} <= set(c) for c in res["checks"])
 
 
+def test_verify_reports_progress_in_tokens_to_the_end(small_pair):
+    """The progress callback sees work only grow, never past the total, and end at the total; chunking the
+    samples changes no token (each sample has its own seed)."""
+    target, drafter = small_pair
+    eng = TorchEngine(target, drafter, max_batch=64, kmax=6)
+    seen = []
+    res = run_verify(TorchEngineUnderTest(eng, lambda: Plan(3)), PROMPTS[:2], samples=300, positions=2, k=3,
+                     greedy_tokens=8, progress=lambda what, done, total: seen.append((what, done, total)))
+    assert res["passed"], res
+    dones = [d for _, d, _ in seen]
+    assert dones == sorted(dones) and len({t for _, _, t in seen}) == 1
+    total = seen[0][2]
+    assert dones[-1] == total == 4 * 2 * 8 + 2 * 300 * (2 + 4)  # greedy + parity, then AR 2 and SD k+1 tokens
+    assert any("speculative side" in w for w, _, _ in seen) and seen[-1][0] == "logprob parity"
+    from effroll.checks.verify import distribution_check
+
+    one = distribution_check(TorchEngineUnderTest(eng, lambda: Plan(3)), PROMPTS[:1], samples=150, positions=2, k=3)
+    chunked = distribution_check(TorchEngineUnderTest(eng, lambda: Plan(3)), PROMPTS[:1], samples=150, positions=2,
+                                 k=3, chunk=7)
+    assert one["statistic"] == chunked["statistic"] and one["max_tv"] == chunked["max_tv"]
+
+
 def test_verify_catches_a_biased_sampler(small_pair, monkeypatch):
     """An engine that accepts every draft (the failure seen on vLLM-CPU at T=1) must fail."""
     target, drafter = small_pair

@@ -72,6 +72,17 @@ def expected_work(prompt: Any, sampling_params: Any) -> int:
         return 1  # an invalid request: the check rejects it, any weight will do
 
 
+def prompt_key(prompt: Any) -> Any:
+    """What makes two requests one group: equal prompts (token ids or text) go to one worker, whose engine
+    then prefills the prompt once for all of them."""
+    if isinstance(prompt, Mapping):
+        prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+    try:
+        return prompt if isinstance(prompt, str) else tuple(int(t) for t in prompt)
+    except (TypeError, ValueError):
+        return id(prompt)  # an invalid prompt: its own group; the check rejects it
+
+
 def assign(work: Sequence[float], loads: Mapping[int, float]) -> dict[int, list[int]]:
     """Largest first, each item (an index into ``work``) to the least-loaded worker; ``loads``: work already queued."""
     load = dict(loads)
@@ -254,6 +265,8 @@ class RayRolloutPool:
         pending: dict[Any, tuple[int, list[int]]] = {}  # object ref -> (worker, item indices)
         since: dict[int, float] = {}  # busy worker -> when it last returned something (or got work while idle)
 
+        keys = [prompt_key(p) for p, _ in items]
+
         def dispatch(idx: list[int]) -> None:
             if not self._actors:
                 left = sum(r is None for r in results) if method == "generate" else len(items)
@@ -263,9 +276,13 @@ class RayRolloutPool:
             loads = {w: 0.0 for w in self._actors}
             for w, part in pending.values():
                 loads[w] += sum(work[i] for i in part)
-            for w, part in assign([work[i] for i in idx], loads).items():
+            groups: dict[Any, list[int]] = {}
+            for i in idx:
+                groups.setdefault(keys[i], []).append(i)
+            members = list(groups.values())
+            for w, part in assign([sum(work[i] for i in g) for g in members], loads).items():
                 if part:
-                    part = [idx[j] for j in part]
+                    part = sorted(i for j in part for i in members[j])
                     pending[getattr(self._actors[w], method).remote([items[i] for i in part])] = (w, part)
                     since.setdefault(w, time.monotonic())
 

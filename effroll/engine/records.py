@@ -96,7 +96,8 @@ class StepRecord:
     sample_s: float = 0.0
     catchup_tokens: int = 0
     prefill_s: float = 0.0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed; prefill_requested: what rows asked (shared prefixes copied)
+    prefill_requested: int = 0
     admitted: int = 0
     finished: int = 0
     waiting: int = 0

@@ -30,6 +30,7 @@ import torch
 from . import compiled, spec_step
 from .kv_cache import KVCache
 from .model import Transformer
+from .prefill import plan_shares
 from .records import AR, STALE_DRAFTER, STEP_ERROR, BatchInputError, BatchView, Plan, RequestOutput, StepRecord, event
 from .rows import Row, RowSnapshot, check_prompt_ids, describe
 from .sampling import SamplingParams, stream_seed
@@ -52,11 +53,13 @@ class TorchEngine:
         seed: int = 0,
         share_kv: bool | None = None,
         compile_drafter: bool = False,
+        share_prefill: bool = True,
     ):
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be an effroll Transformer, got {type(model).__name__}")
-        if not isinstance(compile_drafter, bool):
-            raise TypeError(f"compile_drafter must be a bool, got {compile_drafter!r}")
+        for name, v in (("compile_drafter", compile_drafter), ("share_prefill", share_prefill)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool, got {v!r}")
         for name, v, lo in (("max_batch", max_batch, 1), ("kmax", kmax, 0), ("max_seq_len", max_seq_len, 2)):
             if v is None and name == "max_seq_len":
                 continue
@@ -90,7 +93,9 @@ class TorchEngine:
         self.share_kv = False
         self.step_index = 0
         self.policy_version = 0
-        self._pending_prefill = (0.0, 0, 0)  # seconds, tokens, rows admitted since last record
+        # Rows whose prompts share a prefix with a cached row copy its KV instead of computing it (prefill.py).
+        self.share_prefill = share_prefill
+        self._pending_prefill = (0.0, 0, 0, 0)  # seconds, tokens computed, tokens requested, rows admitted
         if drafter is not None:
             self.set_drafter(drafter)
 
@@ -240,12 +245,14 @@ class TorchEngine:
         t0 = time.perf_counter()
         row0 = len(self.active) - len(new)
         try:
-            ntok = self._prefill(row0, new)
+            ntok, nreq = self._prefill(row0, new)
         except Exception as e:  # noqa: BLE001 - isolate the request that fails, the others go on
-            ntok = 0
+            ntok = nreq = 0
+            self.active[row0:] = new  # the shared prefill may have reordered the slots
             for i, r in enumerate(new):
                 try:
-                    ntok += self._prefill(row0 + i, [r])
+                    c, q = self._prefill(row0 + i, [r])
+                    ntok, nreq = ntok + c, nreq + q
                 except Exception as e1:  # noqa: BLE001
                     r.finish, r.error = "error", f"prefill failed: {describe(e1)}"
             if not any(r.finish for r in new):  # a batch-shape failure only: every row prefilled alone
@@ -258,18 +265,46 @@ class TorchEngine:
         for r in new:
             r.t_len = len(r.tokens) - 1
             r.d_len = 0
-        s, n, a = self._pending_prefill
-        self._pending_prefill = (s + time.perf_counter() - t0, n + ntok, a + len(new))
+        s, n, q, a = self._pending_prefill
+        self._pending_prefill = (s + time.perf_counter() - t0, n + ntok, q + nreq, a + len(new))
         if any(r.finish for r in new):
             self._retire()
 
-    def _prefill(self, row0: int, rows: list[Row]) -> int:
-        """Target forward over every row's prompt but its last token, into slots row0..; returns tokens fed."""
+    def _prefill(self, row0: int, rows: list[Row]) -> tuple[int, int]:
+        """Target KV of every row's prompt but its last token, into slots row0..: (tokens computed, requested).
+
+        With ``share_prefill`` the rows take slots in the order of ``plan_shares``' three kinds: leaders
+        (computed in one forward), partial rows (prefix copied, the rest in a second forward), copies."""
         feeds = [r.tokens[:-1] for r in rows]
-        ntok = sum(len(f) for f in feeds)
-        if ntok:
-            self.forward(self.model, self.cache, row0, feeds, [0] * len(rows))
-        return ntok
+        requested = sum(len(f) for f in feeds)
+        if not self.share_prefill:
+            if requested:
+                self.forward(self.model, self.cache, row0, feeds, [0] * len(rows))
+            return requested, requested
+        shares = plan_shares(feeds, [r.tokens[:r.t_len] for r in self.active[:row0]])
+        kind = [0 if sh.source is None else 1 if sh.shared < len(f) else 2 for sh, f in zip(shares, feeds)]
+        order = sorted(range(len(rows)), key=lambda i: kind[i])
+        self.active[row0:row0 + len(rows)] = [rows[i] for i in order]
+        slot = {i: row0 + j for j, i in enumerate(order)}
+
+        def copy(i: int) -> None:  # plan sources: old rows are slots 0..row0-1, new row i is source row0 + i
+            src = shares[i].source
+            self.cache.move(src if src < row0 else slot[src - row0], slot[i], shares[i].shared)
+
+        leaders = [i for i in order if kind[i] == 0]
+        rest = [i for i in order if kind[i] == 1]
+        if any(feeds[i] for i in leaders):
+            self.forward(self.model, self.cache, row0, [feeds[i] for i in leaders], [0] * len(leaders))
+        for i in rest:
+            copy(i)
+        if rest:
+            self.forward(self.model, self.cache, row0 + len(leaders), [feeds[i][shares[i].shared:] for i in rest],
+                         [shares[i].shared for i in rest])
+        for i in range(len(rows)):  # in request order: a copy's source (its group's first row) is done before it
+            if kind[i] == 2:
+                copy(i)
+        computed = sum(len(feeds[i]) for i in leaders) + sum(len(feeds[i]) - shares[i].shared for i in rest)
+        return computed, requested
 
     def forward(self, model: Transformer, cache: KVCache, row0: int, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Right-padded batched forward; returns final hidden [B, T, D]."""
@@ -307,11 +342,11 @@ class TorchEngine:
             plan = self._resolve_plan(plan)
             rows = self.active
             B = len(rows)
-            ps, pn, pa = self._pending_prefill
-            self._pending_prefill = (0.0, 0, 0)
+            ps, pn, pq, pa = self._pending_prefill
+            self._pending_prefill = (0.0, 0, 0, 0)
             rec = StepRecord(step=self.step_index, request_ids=[r.rid for r in rows], k=[], accepted=[], emitted=[],
                              context_lens=[len(r.tokens) for r in rows], seconds=0.0, prefill_s=ps, prefill_tokens=pn,
-                             admitted=pa, waiting=len(self.waiting), policy_version=self.policy_version)
+                             prefill_requested=pq, admitted=pa, waiting=len(self.waiting), policy_version=self.policy_version)
             self.step_index += 1
             if B == 0:
                 return rec
