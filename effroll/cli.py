@@ -212,7 +212,8 @@ def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, calib_promp
 
 
 # ----------------------------------------------------------------------------- verify
-VERIFY_PROMPTS, VERIFY_SAMPLES = 2, 2000  # about two minutes on a 2-core CPU with SmolLM2-135M (experiments/README)
+VERIFY_PROMPTS, VERIFY_SAMPLES = 1, 2000  # ~4 minutes on a 2-core AVX2 CPU with SmolLM2-135M (experiments/README 10)
+VERIFY_SEQ = 256  # the workload's prompts (cap 8 words) plus the 32 greedy tokens fit with room to spare
 @main.command(name="verify")
 @click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
 @click.option("--engine", "engine_name", type=click.Choice(["torch", "vllm"]), default="torch", show_default=True)
@@ -263,7 +264,8 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
         from .control import Controller
         from .engine.records import Plan
 
-        llm = LLM(model_path, recipe=None, max_batch=max_batch, kmax=max(k, 8), dtype=dtype)
+        # The cache holds only what verify generates (2048 positions would be 6 GiB at fp32, batch 64).
+        llm = LLM(model_path, recipe=None, max_batch=max_batch, kmax=max(k, 8), dtype=dtype, max_seq_len=VERIFY_SEQ)
         llm.engine.set_drafter(load_drafter(drafter, llm.model, dtype, None))
         factory = (lambda: Plan(k)) if mode == "sd" else (lambda: Controller().plan)
         eut = TorchEngineUnderTest(llm.engine, factory, name=f"torch-{mode}")
