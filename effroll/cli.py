@@ -265,7 +265,8 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
         from .engine.records import Plan
 
         # The cache holds only what verify generates (2048 positions would be 6 GiB at fp32, batch 64).
-        llm = LLM(model_path, recipe=None, max_batch=max_batch, kmax=max(k, 8), dtype=dtype, max_seq_len=VERIFY_SEQ)
+        llm = LLM(model_path, recipe=None, max_batch=max_batch, kmax=max(k, 8), dtype=dtype,
+                  max_seq_len=_verify_seq(model_path, drafter))
         llm.engine.set_drafter(load_drafter(drafter, llm.model, dtype, None))
         factory = (lambda: Plan(k)) if mode == "sd" else (lambda: Controller().plan)
         eut = TorchEngineUnderTest(llm.engine, factory, name=f"torch-{mode}")
@@ -288,6 +289,15 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
                        + (f"  max_tv={c['max_tv']:.4f} (detectable {c['detectable_tv']:.3f})" if "max_tv" in c else ""))
         click.echo(f"{res['engine']}: {'lossless' if res['passed'] else 'NOT LOSSLESS'}")
     sys.exit(0 if res["passed"] else 1)
+
+
+def _verify_seq(model_path: str, drafter: str) -> int:
+    """VERIFY_SEQ, or less where the target's (or a drafter checkpoint's) position limit is lower."""
+    from .checkpoints import read_config
+    from .engine.model import ModelConfig
+
+    paths = [model_path] + ([drafter] if not drafter.startswith("int4:") else [])
+    return min([VERIFY_SEQ] + [ModelConfig.from_hf(read_config(p)).max_position_embeddings for p in paths])
 
 
 # ----------------------------------------------------------------------------- tune

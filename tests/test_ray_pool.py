@@ -93,10 +93,10 @@ def test_outputs_match_in_process_engine_in_callers_order(ar_pool, checkpoint):
     assert tokens(two) == tokens(ref_llm.generate([{"prompt_token_ids": [5, 6]}], {"n": 2, "max_tokens": 5, "seed": 3}))
     pair = ar_pool.generate([[5, 6, 7]] * 2, SamplingParams(max_tokens=24, ignore_eos=True))
     assert pair[0].outputs[0].token_ids != pair[1].outputs[0].token_ids  # each request its own seed
-    # A GRPO group sent as equal prompts lands on one actor, which prefills the prompt once.
-    ar_pool.generate([[30] * 12] * 4 + [[31, 32, 33]], SamplingParams(max_tokens=3, ignore_eos=True))
+    # GRPO groups sent as equal prompts: each lands on one actor, which prefills its prompt once.
+    ar_pool.generate([[30] * 12] * 4 + [[31, 32, 33]] * 4, SamplingParams(max_tokens=3, ignore_eos=True))
     last = ar_pool.stats()["last"]
-    assert (last["prefill_tokens"], last["prefill_requested"]) == (11 + 2, 4 * 11 + 2)
+    assert (last["prefill_tokens"], last["prefill_requested"]) == (11 + 2, 4 * 11 + 4 * 2)
 
 
 def test_policy_update_reaches_every_actor(ar_pool, checkpoint):

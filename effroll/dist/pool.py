@@ -279,7 +279,10 @@ class RayRolloutPool:
             groups: dict[Any, list[int]] = {}
             for i in idx:
                 groups.setdefault(keys[i], []).append(i)
-            members = list(groups.values())
+            # A group stays on one actor unless it alone is more than an even share of the call's requests
+            # (one prompt sampled 20,000 times): then it is split into even shares, one per actor.
+            share = -(-len(idx) // len(self._actors))
+            members = [g[j:j + share] for g in groups.values() for j in range(0, len(g), share)]
             for w, part in assign([sum(work[i] for i in g) for g in members], loads).items():
                 if part:
                     part = sorted(i for j in part for i in members[j])
