@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from effroll.drafter import int4 as I  # noqa: E402
 from effroll import kernels  # noqa: E402
 from effroll.drafter.int4 import Int4Linear, quantize_rtn  # noqa: E402
-from effroll.engine import model as model_mod  # noqa: E402
+from effroll.engine import linear as linear_mod  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -138,11 +138,11 @@ def build_variants(n: int, k: int, g: int, copies: int, only: list[str] | None) 
 
     lins = []
     for w in ws:
-        lin = model_mod.Linear(k, n, bias=False, device="meta")
+        lin = linear_mod.Linear(k, n, bias=False, device="meta")
         lin.weight = torch.nn.Parameter(w, requires_grad=False)
         lins.append(lin)
     add("bf16 F.linear", [lambda x, w=w: F.linear(x, w) for w in ws], n * k * 2)
-    add(f"bf16 Linear ({model_mod.bf16_linear_path()})", lins, n * k * 2)  # what the engine runs
+    add(f"bf16 Linear ({linear_mod.bf16_linear_path()})", lins, n * k * 2)  # what the engine runs
     if kernels.BF16.available():  # the op without Linear's Python
         bf16_op = torch.ops.effroll.bf16_linear.default
         add("effroll bf16 op", [lambda x, w=w: bf16_op(x, w, None) for w in ws], n * k * 2)
@@ -305,7 +305,7 @@ def target_steps(model_dir: str, batches, repeats: int, steps: int, context: int
     try:
         for mode in modes:
             os.environ[env] = mode
-            out["paths"][mode] = model_mod.bf16_linear_path()
+            out["paths"][mode] = linear_mod.bf16_linear_path()
         with torch.no_grad():
             for b in batches:
                 prompt = torch.randint(0, target.cfg.vocab_size, (b, context), generator=g)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from effroll import kernels
-from effroll.engine import model as model_mod
+from effroll.engine import linear as linear_mod
 
 from conftest import needs_cxx, random_model, tiny_config
 
@@ -176,8 +176,8 @@ def test_fake_impl_passes_opcheck():
 # --------------------------------------------------------------------------- Linear
 
 
-def make_linear(n: int, k: int, bias: bool = True, seed: int = 0) -> model_mod.Linear:
-    lin = model_mod.Linear(k, n, bias=bias).bfloat16().requires_grad_(False)
+def make_linear(n: int, k: int, bias: bool = True, seed: int = 0) -> linear_mod.Linear:
+    lin = linear_mod.Linear(k, n, bias=bias).bfloat16().requires_grad_(False)
     w, b, _ = make(n, k, seed)
     with torch.no_grad():
         lin.weight.copy_(w)
@@ -187,12 +187,12 @@ def make_linear(n: int, k: int, bias: bool = True, seed: int = 0) -> model_mod.L
 
 
 def effroll_path_expected() -> str:
-    return "onednn" if model_mod.packed_bf16_ok() else "effroll"
+    return "onednn" if linear_mod.packed_bf16_ok() else "effroll"
 
 
 def test_linear_takes_the_kernel_for_3d_bias_and_in_place_weight_updates():
-    assert model_mod.bf16_linear_path() == effroll_path_expected()
-    if model_mod.bf16_linear_path() != "effroll":
+    assert linear_mod.bf16_linear_path() == effroll_path_expected()
+    if linear_mod.bf16_linear_path() != "effroll":
         pytest.skip("oneDNN's bf16 linear runs here: auto keeps it (EFFROLL_BF16_KERNEL=effroll is tested below)")
     lin = make_linear(45, 577)
     x = torch.randn(2, 3, 577).bfloat16()
@@ -222,14 +222,14 @@ def test_env_switch(monkeypatch):
     lin = make_linear(40, 72)
     x = torch.randn(5, 72).bfloat16()
     monkeypatch.setenv(kernels.BF16_KERNEL_ENV, "torch")
-    assert model_mod.bf16_linear_path() == ("onednn" if model_mod.packed_bf16_ok() else "torch")
-    if not model_mod.packed_bf16_ok():
+    assert linear_mod.bf16_linear_path() == ("onednn" if linear_mod.packed_bf16_ok() else "torch")
+    if not linear_mod.packed_bf16_ok():
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
     monkeypatch.setenv(kernels.BF16_KERNEL_ENV, "effroll")  # even where oneDNN runs
-    assert model_mod.bf16_linear_path() == "effroll"
+    assert linear_mod.bf16_linear_path() == "effroll"
     assert torch.equal(lin(x), torch.ops.effroll.bf16_linear(x, lin.weight, lin.bias))
     monkeypatch.setenv(kernels.BF16_KERNEL_ENV, " AUTO ")
-    assert model_mod.bf16_linear_path() == effroll_path_expected()
+    assert linear_mod.bf16_linear_path() == effroll_path_expected()
     monkeypatch.setenv(kernels.BF16_KERNEL_ENV, "fast")
     with pytest.raises(ValueError, match="EFFROLL_BF16_KERNEL='fast'"):
         lin(x)
@@ -238,24 +238,24 @@ def test_env_switch(monkeypatch):
 def test_unavailable_kernel_warns_once_and_uses_torch(monkeypatch):
     monkeypatch.setattr(kernels.BF16, "available", lambda: False)
     monkeypatch.setattr(kernels.BF16, "unavailable_reason", lambda: "RuntimeError: stand-in build failure")
-    monkeypatch.setattr(model_mod, "packed_bf16_ok", lambda: False)  # a CPU where auto wants effroll's kernel
-    monkeypatch.setattr(model_mod, "_BF16_PATHS", {})
+    monkeypatch.setattr(linear_mod, "packed_bf16_ok", lambda: False)  # a CPU where auto wants effroll's kernel
+    monkeypatch.setattr(linear_mod, "_BF16_PATHS", {})
     __import__("effroll.once").once.forget()
     lin = make_linear(24, 40)
     x = torch.randn(3, 40).bfloat16()
     with pytest.warns(RuntimeWarning, match="stand-in build failure"):
         y = lin(x)
-    assert model_mod.bf16_linear_path() == "torch"
+    assert linear_mod.bf16_linear_path() == "torch"
     assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lin(x)
-        monkeypatch.setattr(model_mod, "_BF16_PATHS", {})  # resolved again: the reason was warned already
-        assert model_mod.bf16_linear_path() == "torch"
+        monkeypatch.setattr(linear_mod, "_BF16_PATHS", {})  # resolved again: the reason was warned already
+        assert linear_mod.bf16_linear_path() == "torch"
 
 
 def test_lm_head_goes_through_the_kernel():
-    if model_mod.bf16_linear_path() != "effroll":
+    if linear_mod.bf16_linear_path() != "effroll":
         pytest.skip("oneDNN's bf16 linear runs here")
     m = random_model(tiny_config(vocab=97, tie_word_embeddings=True), seed=3, std=0.3).to(torch.bfloat16)
     h = torch.randn(2, 5, 32).bfloat16()
@@ -314,10 +314,10 @@ def test_real_model_prefill_and_decode_logits(monkeypatch):
     for env in ("torch", "auto"):
         monkeypatch.setenv(kernels.BF16_KERNEL_ENV, env)
         got[env] = run(target, [0, 1, 2])
-    assert model_mod.bf16_linear_path() == effroll_path_expected()
+    assert linear_mod.bf16_linear_path() == effroll_path_expected()
     rel = {e: float((g - want).norm() / want.norm()) for e, g in got.items()}
     agree = {e: float((g.argmax(-1) == want.argmax(-1)).float().mean()) for e, g in got.items()}
     assert rel["auto"] < 0.05 and rel["auto"] <= 1.2 * rel["torch"], rel
     assert agree["auto"] >= 0.9 and agree["auto"] >= agree["torch"] - 0.03, agree
-    if model_mod.bf16_linear_path() == "effroll":
+    if linear_mod.bf16_linear_path() == "effroll":
         assert torch.equal(run(target, [1]), got["auto"][1:2])  # row 1 alone = row 1 of the batch of 3

@@ -11,7 +11,7 @@ the batch-shape rounding any batched prefill has).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 # A row whose whole prompt is cached is always copied. A shorter common prefix than this is computed, not
 # copied: the row's remainder then needs a second forward, which costs more than a few prompt tokens.
@@ -112,3 +112,34 @@ def plan_shares(feeds: Sequence[Sequence[int]], cached: Sequence[Sequence[int]],
             shares[r] = Share(None, 0)
             leader, run = i, length
     return shares  # type: ignore[return-value]
+
+
+def shared_prefill(feeds: Sequence[Sequence[int]], cached: Sequence[Sequence[int]], row0: int,
+                   move: Callable[[int, int, int], None],
+                   forward: Callable[[int, list, list], object]) -> tuple[list[int], int]:
+    """Prefill ``feeds`` into the slots from ``row0`` on (old rows hold slots 0..row0-1 and ``cached``),
+    as :func:`plan_shares` plans: leaders in one ``forward(row0, feeds, starts)``, the shared prefixes of
+    partial rows copied (``move(src, dst, length)``) and their rest in a second forward, then the copies.
+    Returns the slot order (new row ``order[j]`` is in slot ``row0 + j``) and the tokens computed."""
+    shares = plan_shares(feeds, cached)
+    kind = [0 if sh.source is None else 1 if sh.shared < len(f) else 2 for sh, f in zip(shares, feeds)]
+    order = sorted(range(len(feeds)), key=lambda i: kind[i])
+    slot = {i: row0 + j for j, i in enumerate(order)}
+
+    def copy(i: int) -> None:  # plan sources: old rows are slots 0..row0-1, new row i is source row0 + i
+        src = shares[i].source
+        move(src if src < row0 else slot[src - row0], slot[i], shares[i].shared)
+
+    leaders = [i for i in order if kind[i] == 0]
+    rest = [i for i in order if kind[i] == 1]
+    if any(feeds[i] for i in leaders):
+        forward(row0, [list(feeds[i]) for i in leaders], [0] * len(leaders))
+    for i in rest:
+        copy(i)
+    if rest:
+        forward(row0 + len(leaders), [list(feeds[i][shares[i].shared:]) for i in rest], [shares[i].shared for i in rest])
+    for i in range(len(feeds)):  # in request order: a copy's source (its group's first row) is done before it
+        if kind[i] == 2:
+            copy(i)
+    computed = sum(len(feeds[i]) for i in leaders) + sum(len(feeds[i]) - shares[i].shared for i in rest)
+    return order, computed

@@ -8,7 +8,7 @@ controller package stays pure logic and unit-testable without a model.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Union
 
 
 @dataclass(frozen=True)
@@ -202,3 +202,22 @@ class DrafterMeta:
     @property
     def recipe_name(self) -> str | None:
         return getattr(self.recipe, "name", None)
+
+
+PlanLike = Union[Plan, int, None, Callable[[BatchView], Plan]]
+
+
+def resolve_plan(plan: PlanLike, view: Callable[[], BatchView]) -> Plan:
+    """The step's Plan: a Plan as given, an int K, None (AR), or a planner called on ``view()``."""
+    if plan is None:
+        return Plan(0)
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, int) and not isinstance(plan, bool):
+        return Plan(plan)
+    if callable(plan):
+        p = plan(view())
+        if not isinstance(p, Plan):
+            raise TypeError(f"planner returned {type(p).__name__}, expected Plan")
+        return p
+    raise TypeError(f"plan must be a Plan, an int K, None or a callable, got {plan!r}")

@@ -30,13 +30,13 @@ import torch
 from . import compiled, spec_step
 from .kv_cache import KVCache
 from .model import Transformer
-from .prefill import plan_shares
-from .records import AR, STALE_DRAFTER, STEP_ERROR, BatchInputError, BatchView, Plan, RequestOutput, StepRecord, event
+from .prefill import shared_prefill
+from .records import (AR, STALE_DRAFTER, STEP_ERROR, BatchInputError, BatchView, Plan, PlanLike, RequestOutput,
+                      StepRecord, event, resolve_plan)
 from .rows import Row, RowSnapshot, check_prompt_ids, describe
 from .sampling import SamplingParams, stream_seed
 
 
-PlanLike = Plan | int | None | Callable[[BatchView], Plan]
 
 
 class TorchEngine:
@@ -281,29 +281,10 @@ class TorchEngine:
             if requested:
                 self.forward(self.model, self.cache, row0, feeds, [0] * len(rows))
             return requested, requested
-        shares = plan_shares(feeds, [r.tokens[:r.t_len] for r in self.active[:row0]])
-        kind = [0 if sh.source is None else 1 if sh.shared < len(f) else 2 for sh, f in zip(shares, feeds)]
-        order = sorted(range(len(rows)), key=lambda i: kind[i])
+        order, computed = shared_prefill(feeds, [r.tokens[:r.t_len] for r in self.active[:row0]], row0,
+                                         self.cache.move,
+                                         lambda r0, fs, st: self.forward(self.model, self.cache, r0, fs, st))
         self.active[row0:row0 + len(rows)] = [rows[i] for i in order]
-        slot = {i: row0 + j for j, i in enumerate(order)}
-
-        def copy(i: int) -> None:  # plan sources: old rows are slots 0..row0-1, new row i is source row0 + i
-            src = shares[i].source
-            self.cache.move(src if src < row0 else slot[src - row0], slot[i], shares[i].shared)
-
-        leaders = [i for i in order if kind[i] == 0]
-        rest = [i for i in order if kind[i] == 1]
-        if any(feeds[i] for i in leaders):
-            self.forward(self.model, self.cache, row0, [feeds[i] for i in leaders], [0] * len(leaders))
-        for i in rest:
-            copy(i)
-        if rest:
-            self.forward(self.model, self.cache, row0 + len(leaders), [feeds[i][shares[i].shared:] for i in rest],
-                         [shares[i].shared for i in rest])
-        for i in range(len(rows)):  # in request order: a copy's source (its group's first row) is done before it
-            if kind[i] == 2:
-                copy(i)
-        computed = sum(len(feeds[i]) for i in leaders) + sum(len(feeds[i]) - shares[i].shared for i in rest)
         return computed, requested
 
     def forward(self, model: Transformer, cache: KVCache, row0: int, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
@@ -315,20 +296,6 @@ class TorchEngine:
         return model(tok, start, cache, starts, row0=row0)
 
     # ------------------------------------------------------------------ one step
-    def _resolve_plan(self, plan: PlanLike) -> Plan:
-        if plan is None:
-            return Plan(0)
-        if isinstance(plan, Plan):
-            return plan
-        if isinstance(plan, int) and not isinstance(plan, bool):
-            return Plan(plan)
-        if callable(plan):
-            p = plan(self.batch_view())
-            if not isinstance(p, Plan):
-                raise TypeError(f"planner returned {type(p).__name__}, expected Plan")
-            return p
-        raise TypeError(f"plan must be a Plan, an int K, None or a callable, got {plan!r}")
-
     @torch.no_grad()
     def step(self, plan: PlanLike = None) -> StepRecord:
         """Advance every active row by one (AR or speculative) step.
@@ -339,7 +306,7 @@ class TorchEngine:
         """
         with self.lock:
             self.admit()
-            plan = self._resolve_plan(plan)
+            plan = resolve_plan(plan, self.batch_view)
             rows = self.active
             B = len(rows)
             ps, pn, pq, pa = self._pending_prefill
