@@ -46,6 +46,24 @@ struct Problem {
   int64_t n, kp, g, groups;
 };
 
+// Rows m0 .. m0 + R of tile t: fp32 accumulators -> bf16 y (the tile's real columns only).
+template <int R>
+TARGET inline void store_tile(const Problem& p, const __m256 (&acc)[R][2], int64_t t, int64_t m0) {
+  const int64_t c0 = t * kTile, cols = std::min<int64_t>(kTile, p.n - c0);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    __m256i v = to_bf16x16(acc[r][0], acc[r][1]);
+    uint16_t* dst = p.y + (m0 + r) * p.n + c0;
+    if (cols == kTile) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+    } else {
+      alignas(32) uint16_t tmp[kTile];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
+      std::memcpy(dst, tmp, cols * sizeof(uint16_t));
+    }
+  }
+}
+
 // R rows of x (m0 ..) times tile t, over all groups; writes y[m0 .. m0 + R, 16t .. 16t + 16) (the real columns).
 // U independent accumulator sets (k mod U) keep enough FMA chains in flight when R is small.
 template <int R, int U>
@@ -103,19 +121,7 @@ TARGET void tile_kernel(const Problem& p, int64_t t, int64_t m0) {
       out[r][1] = _mm256_fmadd_ps(s1, a1, _mm256_fmadd_ps(b1, xs, out[r][1]));
     }
   }
-  const int64_t c0 = t * kTile, cols = std::min<int64_t>(kTile, p.n - c0);
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    __m256i v = to_bf16x16(out[r][0], out[r][1]);
-    uint16_t* dst = p.y + (m0 + r) * p.n + c0;
-    if (cols == kTile) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
-    } else {
-      alignas(32) uint16_t tmp[kTile];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
-      std::memcpy(dst, tmp, cols * sizeof(uint16_t));
-    }
-  }
+  store_tile<R>(p, out, t, m0);
 }
 
 // Many rows: dequantize the tile once into fp32 [Kp][16] (w = q s + (z - 8 s)), then run FMA-only blocks of rows
@@ -157,19 +163,7 @@ TARGET void buf_kernel(const Problem& p, const float* wb, int64_t t, int64_t m0)
       acc[r][1] = _mm256_fmadd_ps(w1, xb, acc[r][1]);
     }
   }
-  const int64_t c0 = t * kTile, cols = std::min<int64_t>(kTile, p.n - c0);
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    __m256i v = to_bf16x16(acc[r][0], acc[r][1]);
-    uint16_t* dst = p.y + (m0 + r) * p.n + c0;
-    if (cols == kTile) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
-    } else {
-      alignas(32) uint16_t tmp[kTile];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
-      std::memcpy(dst, tmp, cols * sizeof(uint16_t));
-    }
-  }
+  store_tile<R>(p, acc, t, m0);
 }
 using BufFn = void (*)(const Problem&, const float*, int64_t, int64_t);
 constexpr BufFn kBufFns[kMaxRows + 1] = {nullptr, buf_kernel<1>, buf_kernel<2>, buf_kernel<3>,
