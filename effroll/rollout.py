@@ -92,6 +92,7 @@ class AdaptiveSpecRollout:
         self.watchdog = Watchdog(**_options("watchdog", watchdog)) if watchdog is not False else None
         self.audit = LosslessAudit(**_options("audit", audit)) if audit is not False else None
         self.guard_s = {"watchdog": 0.0, "audit": 0.0}  # seconds spent in the checks (overhead)
+        self._told_profile = False  # warned once that the profile does not fit this machine
         self.score_drafter = bool(score_drafter)
         self.score_s = 0.0  # seconds spent scoring drafters for the acceptance prior
         self._warned: set[str] = set()
@@ -207,8 +208,8 @@ class AdaptiveSpecRollout:
             self.watchdog.end_rollout(entry["acceptance"], entry["verified_positions"])
         self.history.append(entry)
         check = self.controller.profile_check
-        if check.get("status", "").startswith("mismatch") and not getattr(self, "_told_profile", False):
-            self._told_profile = True  # once per wrapper: the profile's status stays in stats()["controller"]
+        if check.get("status", "").startswith("mismatch") and not self._told_profile:
+            self._told_profile = True  # the profile's status stays in stats()["controller"]
             warnings.warn(f"effroll: controller profile {self.profile_path or '(given)'} does not fit this machine: "
                           f"{check['status']}; re-run `effroll tune` here", RuntimeWarning, stacklevel=2)
         if self.audit is not None and self.audit.failed and not audit_failed and self.audit.on_failure == "raise":
