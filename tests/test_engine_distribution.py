@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from effroll import kernels
 from effroll.engine import compiled as compiled_mod
 from effroll.engine import sampling as sampling_mod
 from effroll.engine.kv_cache import full_logits
@@ -132,11 +133,19 @@ SETTINGS += [("t1.0-k3-noshare", SamplingParams(temperature=1.0, max_tokens=6), 
 # The drafter's decode through torch.compile'd layer chunks (compile_drafter): per-row K, toggling, catch-up.
 COMPILED = {"t1.0-k3", "t1.0-mixedK", "t0.7-toggled", "t0.7-toggled-owncache"}
 SETTINGS += [(name + "-compiled", params, plan) for name, params, plan in SETTINGS if name in COMPILED]
+# bf16 models: on CPUs where effroll's kernels run, decode, verify and the reference's full forward give a position
+# the same logits bits, so the exact distribution is the one the engine samples from (engine.glue).
+BF16 = {"t1.0-k3", "t1.0-mixedK", "t0.7-toggled-owncache"}
+SETTINGS += [(name + "-bf16", params, plan) for name, params, plan in SETTINGS if name in BF16]
 
 
 @pytest.mark.parametrize("name,params,plan", SETTINGS, ids=[s[0] for s in SETTINGS])
 def test_speculative_matches_exact_distribution(tiny_pair, name, params, plan):
     target, drafter = tiny_pair
+    if name.endswith("-bf16"):
+        if not (kernels.DECODE.available() and kernels.BF16.available()):
+            pytest.skip(f"effroll's bf16 kernels are unavailable: {kernels.DECODE.unavailable_reason()}")
+        target, drafter = (copy.deepcopy(m).to(torch.bfloat16) for m in (target, drafter))  # Module.to is in place
     if plan == "alternating":
         plan = alternating(3)
     exact = exact_distribution(target, PROMPT, params, DEPTH, eos={0})

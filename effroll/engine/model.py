@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import compiled
+from . import compiled, glue
 from .linear import Linear
 from .records import DrafterMeta
 
@@ -150,8 +150,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same as HF: normalise in float32, cast back, then scale.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Same as HF's maths: normalise in float32, scale, round once (glue.rms_norm picks the kernel).
+        return glue.rms_norm(x, self.weight, self.eps)
 
 
 @dataclass
@@ -204,12 +204,9 @@ class Attention(nn.Module):
         # put their broadcast dims first, so the assigned value is [B, T, kv_head, head_dim].
         kc[ctx.rows, :, ctx.pos] = k
         vc[ctx.rows, :, ctx.pos] = v
-        keys = kc[ctx.row0 : ctx.row0 + B, :, : ctx.span]
-        vals = vc[ctx.row0 : ctx.row0 + B, :, : ctx.span]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, vals, attn_mask=ctx.mask, scale=self.scale, enable_gqa=self.h != self.hkv
-        )
-        return self.o(out.transpose(1, 2).reshape(B, T, self.h * self.hd))
+        out = glue.cache_attention(q, kc, vc, ctx.pos, ctx.row0, ctx.span, ctx.mask, self.scale,
+                                     self.h != self.hkv)
+        return self.o(out.reshape(B, T, self.h * self.hd))
 
 
 class MLP(nn.Module):
@@ -284,7 +281,8 @@ class Transformer(nn.Module):
         return hashlib.sha1(json.dumps(arch).encode()).hexdigest()[:16]
 
     def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope_cache is None or self._rope_cache[0].shape[0] < n or self._rope_cache[0].device != self.device:
+        c = self._rope_cache  # rebuilt when short, or when the model moved or changed dtype (Module.to skips it)
+        if c is None or c[0].shape[0] < n or c[0].device != self.device or c[0].dtype != self.dtype:
             # Grow geometrically: decoding past the table would otherwise rebuild it at every step.
             # Each position's entry is computed on its own, so a bigger table changes no value.
             old = 0 if self._rope_cache is None else self._rope_cache[0].shape[0]

@@ -5,10 +5,13 @@
   ``scales_zeros`` bf16 ``[T, G, 2, 16]``.
 * ``torch.ops.effroll.bf16_linear`` (``bf16_gemm.cpp``; the bf16 target's linears where oneDNN's bf16 linear
   does not run): ``x [M, K] @ w[N, K].T (+ bias)`` on the weight as it is, no packed copy.
+* ``torch.ops.effroll.cache_attention`` and ``rms_norm`` (``decode_ops.cpp``; the glue of bf16 models on the same
+  CPUs): attention of each query over its row's cached keys 0..pos (GQA, fp32 softmax), and RMSNorm in one pass.
 
-Each source is its own :class:`Library` (``INT4``, ``BF16``), compiled once per source/headers/flags/torch
+Each source is its own :class:`Library` (``INT4``, ``BF16``, ``DECODE``), compiled once per source/headers/flags/torch
 version into ``<EFFROLL_CACHE or ~/.cache/effroll>/kernels/<stem>-<hash>/``; one that fails to build leaves
-the other usable. :func:`choice` reads the env switches (``EFFROLL_INT4_KERNEL``, ``EFFROLL_BF16_KERNEL``).
+the other usable. :func:`choice` reads the env switches (``EFFROLL_INT4_KERNEL``, ``EFFROLL_BF16_KERNEL``,
+``EFFROLL_GLUE_KERNEL``).
 """
 
 from __future__ import annotations
@@ -121,8 +124,17 @@ def _bf16_linear_fake(x, w, bias):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
+def _cache_attention_fake(q, kc, vc, pos, row0, scale):
+    return q.new_empty(q.shape)
+
+
+def _rms_norm_fake(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
 INT4 = Library("int4_gemm", "int4", {"int4_mm": _int4_mm_fake})
 BF16 = Library("bf16_gemm", "bf16", {"bf16_linear": _bf16_linear_fake})
+DECODE = Library("decode_ops", "decode", {"cache_attention": _cache_attention_fake, "rms_norm": _rms_norm_fake})
 
 
 # The INT4 library's state under the names its callers have used since it was the only one.
@@ -212,6 +224,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, g
 
 
 BF16_KERNEL_ENV = "EFFROLL_BF16_KERNEL"  # "torch": bf16 linears never run effroll's kernel (A/B runs); see Linear
+GLUE_KERNEL_ENV = "EFFROLL_GLUE_KERNEL"  # "torch": bf16 attention and RMSNorm never run effroll's ops; see engine.glue
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

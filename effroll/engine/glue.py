@@ -1,0 +1,74 @@
+"""Attention over the KV cache and RMSNorm: effroll's ops for bf16 on x86 CPUs with AVX2, else torch's.
+
+``EFFROLL_GLUE_KERNEL`` ``auto`` (and ``effroll``) take ``torch.ops.effroll.cache_attention`` / ``rms_norm``
+(``kernels/decode_ops.cpp``) wherever the library builds: per call, torch's fused RMSNorm and SDPA cost 80 and
+150 us at batch 1 on SmolLM2's shapes, more than the linears they sit between. The attention op computes every
+query on its own (its row's keys 0..pos, fp32 softmax), so a position gets the same output in decode, verify and
+prefill, whatever the batch. ``torch`` keeps torch's ops (A/B runs; it is separate from
+``EFFROLL_BF16_KERNEL``, the linears' switch), as does anything autograd must see.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..once import warn_once
+
+_PATHS: dict[str | None, bool] = {}  # EFFROLL_GLUE_KERNEL's value -> whether the glue runs effroll's ops
+
+
+def effroll_glue() -> bool:
+    """Whether bf16 CPU attention and RMSNorm take effroll's ops (read at every call, resolved once per value)."""
+    env = os.environ.get(kernels.GLUE_KERNEL_ENV)
+    on = _PATHS.get(env)
+    if on is None:
+        wanted = kernels.choice(kernels.GLUE_KERNEL_ENV) != "torch"
+        on = wanted and kernels.DECODE.available()
+        if wanted and not on:
+            warn_once(f"decode:{kernels.DECODE.unavailable_reason()}",
+                      f"effroll's CPU attention/RMSNorm ops are unavailable ({kernels.DECODE.unavailable_reason()}); "
+                      "bf16 models use torch's", stacklevel=3)
+        _PATHS[env] = on
+    return on
+
+
+if hasattr(torch.compiler, "assume_constant_result"):  # traced as its value, so graphs hold no env lookup
+    effroll_glue = torch.compiler.assume_constant_result(effroll_glue)
+
+
+def _ours(*ts: torch.Tensor) -> bool:
+    if not all(t.dtype == torch.bfloat16 and t.is_cpu for t in ts):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False  # the ops have no backward
+    return effroll_glue()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.rms_norm`` over the last dim (fp32 inside, one rounding)."""
+    d = x.shape[-1]
+    if d % 16 == 0 and _ours(x, weight):
+        return torch.ops.effroll.rms_norm(x.reshape(-1, d), weight, eps).view(x.shape)
+    return F.rms_norm(x, (d,), weight, eps)
+
+
+def cache_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, row0: int, span: int,
+                    mask: torch.Tensor | None, scale: float, gqa: bool) -> torch.Tensor:
+    """``q [B, T, h, hd]``: each query (b, t) attends keys ``0..pos[b, t]`` of cache slot ``row0 + b``
+    (``kc``/``vc [slots, hkv, cap, hd]``, already written for these positions) -> ``[B, T, h, hd]``.
+    ``span``/``mask`` describe the same thing for SDPA (keys ``0..span-1``, ``mask [B, 1, T, span]`` or None
+    when every key up to span is attended); ``gqa``: h != hkv, as a Python bool (shapes are symbolic under
+    torch.compile, and SDPA takes no symbolic flag)."""
+    B, T, h, hd = q.shape
+    hkv = kc.shape[1]
+    if hd % 8 == 0 and h % hkv == 0 and kc.is_contiguous() and vc.is_contiguous() and _ours(q, kc, vc):
+        return torch.ops.effroll.cache_attention(q, kc, vc, pos, row0, scale)
+    keys = kc[row0 : row0 + B, :, :span]
+    vals = vc[row0 : row0 + B, :, :span]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, scale=scale,
+                                         enable_gqa=gqa)
+    return out.transpose(1, 2)
