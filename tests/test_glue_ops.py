@@ -110,6 +110,41 @@ def test_rms_norm_matches_torch_within_one_rounding(m, d):
     assert torch.equal(torch.ops.effroll.rms_norm(wide, w, 1e-5), y)
 
 
+@pytest.mark.parametrize("B,T,h,hkv,hd", [(1, 1, 9, 3, 64), (3, 5, 4, 2, 8), (2, 17, 4, 4, 32), (2, 2, 2, 1, 20)])
+def test_rope_cache_write_matches_float32_rope_and_writes_only_its_positions(B, T, h, hkv, hd):
+    g = torch.Generator().manual_seed(hd)
+    qkv = torch.randn(B, T, h + 2 * hkv, hd, generator=g).bfloat16()
+    ang = torch.rand(B, T, 1, hd // 2, generator=g) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).bfloat16()
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).bfloat16()  # rotate_half's sign folded in, as the model's table
+    cap, row0 = 30, 1
+    kc, vc = (torch.randn(B + 2, hkv, cap, hd, generator=g).bfloat16() for _ in range(2))
+    kc0, vc0 = kc.clone(), vc.clone()
+    pos = torch.randint(0, cap - T, (B, 1), generator=g) + torch.arange(T)
+    q = torch.ops.effroll.rope_cache_write(qkv, cos, sin, kc, vc, pos, row0, h)
+    ref = glue.rope(qkv[:, :, : h + hkv].float(), cos.float(), sin.float())
+    tol = ref.abs() * 2**-8 + 1e-6  # one rounding
+    assert q.shape == (B, T, h, hd) and ((q.float() - ref[:, :, :h]).abs() <= tol[:, :, :h]).all()
+    rows = torch.arange(row0, row0 + B).view(B, 1)
+    assert ((kc[rows, :, pos].float() - ref[:, :, h:]).abs() <= tol[:, :, h:]).all()
+    assert torch.equal(vc[rows, :, pos], qkv[:, :, h + hkv :])
+    kc[rows, :, pos], vc[rows, :, pos] = kc0[rows, :, pos], vc0[rows, :, pos]
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)  # nothing else written
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.effroll.rope_cache_write(qkv, cos, sin, kc, vc, pos + cap, row0, h)
+
+
+@pytest.mark.parametrize("m,inter", [(1, 1536), (5, 64), (3, 40)])
+def test_silu_mul_matches_float32(m, inter):
+    g = torch.Generator().manual_seed(inter)
+    gu = (torch.randn(m, 2 * inter, generator=g) * 4).bfloat16()
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated, and zero
+    y = torch.ops.effroll.silu_mul(gu)
+    ref = F.silu(gu[:, :inter].float()) * gu[:, inter:].float()
+    assert y.shape == (m, inter) and ((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
+    assert torch.equal(glue.silu_mul(gu.view(1, m, 2 * inter), inter), y.view(1, m, inter))
+
+
 def test_glue_wrappers_take_torch_for_other_dtypes_odd_dims_autograd_and_the_switch(monkeypatch):
     called = []
     real = torch.ops.effroll.rms_norm

@@ -1,10 +1,13 @@
-"""Attention over the KV cache and RMSNorm: effroll's ops for bf16 on x86 CPUs with AVX2, else torch's.
+"""A block's glue (RMSNorm, RoPE with the cache writes, attention over the cache, SiLU * up): effroll's ops for bf16
+on x86 CPUs with AVX2, else torch's.
 
-``EFFROLL_GLUE_KERNEL`` ``auto`` (and ``effroll``) take ``torch.ops.effroll.cache_attention`` / ``rms_norm``
-(``kernels/decode_ops.cpp``) wherever the library builds: per call, torch's fused RMSNorm and SDPA cost 80 and
+``EFFROLL_GLUE_KERNEL`` ``auto`` (and ``effroll``) take ``torch.ops.effroll.*`` (``kernels/decode_ops.cpp``)
+wherever the library builds: per call, torch's fused RMSNorm and SDPA cost 80 and
 150 us at batch 1 on SmolLM2's shapes, more than the linears they sit between. The attention op computes every
 query on its own (its row's keys 0..pos, fp32 softmax), so a position gets the same output in decode, verify and
-prefill, whatever the batch. ``torch`` keeps torch's ops (A/B runs; it is separate from
+prefill, whatever the batch; the others work element by element (one rounding each). Inside torch.compile (the
+compiled drafter) RoPE and the cache writes stay torch's, which inductor fuses: an op that writes the cache would be
+functionalised there. ``torch`` keeps torch's ops (A/B runs; it is separate from
 ``EFFROLL_BF16_KERNEL``, the linears' switch), as does anything autograd must see.
 """
 
@@ -72,3 +75,33 @@ def cache_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: to
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, scale=scale,
                                          enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as torch ops: x*cos + rotate_half(x)*sin, with rotate_half(x) = roll(x)*[-1..,+1..] (the sign is in
+    the model's sin table)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
+
+
+def rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                     rows: torch.Tensor, pos: torch.Tensor, row0: int, h: int) -> torch.Tensor:
+    """``qkv [B, T, h + 2 hkv, hd]``: RoPE on the query and key heads, keys and values written to cache slot
+    ``row0 + b`` (``rows`` = that as a ``[B, 1]`` tensor) at positions ``pos [B, T]``; returns q ``[B, T, h, hd]``."""
+    hkv = kc.shape[1]
+    if (not torch.compiler.is_compiling() and qkv.shape[-1] % 2 == 0 and kc.is_contiguous() and vc.is_contiguous()
+            and cos.stride(-1) == 1 and sin.stride(-1) == 1 and _ours(qkv, cos, sin, kc, vc)):
+        return torch.ops.effroll.rope_cache_write(qkv, cos, sin, kc, vc, pos, row0, h)
+    qk = rope(qkv[:, :, : h + hkv], cos, sin)
+    # Cache layout [slot, kv_head, position, head_dim]; advanced indices (rows, pos) around a slice put their
+    # broadcast dims first, so the assigned value is [B, T, kv_head, head_dim].
+    kc[rows, :, pos] = qk[:, :, h:]
+    vc[rows, :, pos] = qkv[:, :, h + hkv :]
+    return qk[:, :, :h]
+
+
+def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate_up [..., 2 inter]`` (gate first) -> ``[..., inter]``."""
+    if inter % 8 == 0 and gate_up.stride(-1) == 1 and _ours(gate_up):
+        return torch.ops.effroll.silu_mul(gate_up.reshape(-1, 2 * inter)).view(*gate_up.shape[:-1], inter)
+    gate, up = gate_up.split(inter, dim=-1)
+    return F.silu(gate) * up

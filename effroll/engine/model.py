@@ -186,26 +186,24 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, self.h + 2 * self.hkv, self.hd)
         v = qkv[:, :, self.h + self.hkv :]
         if self.q_norm is None:
-            # RoPE on q and k together: x*cos + rotate_half(x)*sin, with rotate_half(x) = roll(x)*[-1..,+1..]
-            qk = qkv[:, :, : self.h + self.hkv]
-            qk = qk * ctx.cos + torch.roll(qk, self.hd // 2, -1) * ctx.sin
+            qk = glue.rope(qkv[:, :, : self.h + self.hkv], ctx.cos, ctx.sin)  # q and k together
             q, k = qk[:, :, : self.h], qk[:, :, self.h :]
         else:
-            q = self.q_norm(qkv[:, :, : self.h])
-            k = self.k_norm(qkv[:, :, self.h : self.h + self.hkv])
-            q = q * ctx.cos + torch.roll(q, self.hd // 2, -1) * ctx.sin
-            k = k * ctx.cos + torch.roll(k, self.hd // 2, -1) * ctx.sin
+            q = glue.rope(self.q_norm(qkv[:, :, : self.h]), ctx.cos, ctx.sin)
+            k = glue.rope(self.k_norm(qkv[:, :, self.h : self.h + self.hkv]), ctx.cos, ctx.sin)
         return q, k, v
 
     def forward(self, x: torch.Tensor, ctx: ForwardCtx, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.project(x, ctx)
-        # Cache layout [slot, kv_head, position, head_dim]; advanced indices (rows, pos) around a slice
-        # put their broadcast dims first, so the assigned value is [B, T, kv_head, head_dim].
-        kc[ctx.rows, :, ctx.pos] = k
-        vc[ctx.rows, :, ctx.pos] = v
+        if self.q_norm is None:  # RoPE and the cache writes in one pass (glue.rope_cache_write)
+            qkv = self.qkv(x).view(B, T, self.h + 2 * self.hkv, self.hd)
+            q = glue.rope_cache_write(qkv, ctx.cos, ctx.sin, kc, vc, ctx.rows, ctx.pos, ctx.row0, self.h)
+        else:
+            q, k, v = self.project(x, ctx)
+            kc[ctx.rows, :, ctx.pos] = k  # cache layout [slot, kv_head, position, head_dim]
+            vc[ctx.rows, :, ctx.pos] = v
         out = glue.cache_attention(q, kc, vc, ctx.pos, ctx.row0, ctx.span, ctx.mask, self.scale,
-                                     self.h != self.hkv)
+                                   self.h != self.hkv)
         return self.o(out.reshape(B, T, self.h * self.hd))
 
 
@@ -217,8 +215,7 @@ class MLP(nn.Module):
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.inter, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(glue.silu_mul(self.gate_up(x), self.inter))
 
 
 class Block(nn.Module):

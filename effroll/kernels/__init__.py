@@ -5,8 +5,9 @@
   ``scales_zeros`` bf16 ``[T, G, 2, 16]``.
 * ``torch.ops.effroll.bf16_linear`` (``bf16_gemm.cpp``; the bf16 target's linears where oneDNN's bf16 linear
   does not run): ``x [M, K] @ w[N, K].T (+ bias)`` on the weight as it is, no packed copy.
-* ``torch.ops.effroll.cache_attention`` and ``rms_norm`` (``decode_ops.cpp``; the glue of bf16 models on the same
-  CPUs): attention of each query over its row's cached keys 0..pos (GQA, fp32 softmax), and RMSNorm in one pass.
+* ``torch.ops.effroll.cache_attention``, ``rms_norm``, ``rope_cache_write``, ``silu_mul`` (``decode_ops.cpp``; the
+  glue of bf16 models on the same CPUs): attention of each query over its row's cached keys 0..pos (GQA, fp32
+  softmax), RMSNorm in one pass, RoPE with the cache writes, SiLU(gate) * up.
 
 Each source is its own :class:`Library` (``INT4``, ``BF16``, ``DECODE``), compiled once per source/headers/flags/torch
 version into ``<EFFROLL_CACHE or ~/.cache/effroll>/kernels/<stem>-<hash>/``; one that fails to build leaves
@@ -132,9 +133,18 @@ def _rms_norm_fake(x, weight, eps):
     return x.new_empty(x.shape)
 
 
+def _rope_cache_write_fake(qkv, cos, sin, kc, vc, pos, row0, h):
+    return qkv.new_empty((*qkv.shape[:2], h, qkv.shape[3]))
+
+
+def _silu_mul_fake(gate_up):
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
 INT4 = Library("int4_gemm", "int4", {"int4_mm": _int4_mm_fake})
 BF16 = Library("bf16_gemm", "bf16", {"bf16_linear": _bf16_linear_fake})
-DECODE = Library("decode_ops", "decode", {"cache_attention": _cache_attention_fake, "rms_norm": _rms_norm_fake})
+DECODE = Library("decode_ops", "decode", {"cache_attention": _cache_attention_fake, "rms_norm": _rms_norm_fake,
+                                          "rope_cache_write": _rope_cache_write_fake, "silu_mul": _silu_mul_fake})
 
 
 # The INT4 library's state under the names its callers have used since it was the only one.

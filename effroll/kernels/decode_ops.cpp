@@ -7,6 +7,10 @@
 //   prefill (T > 1) give a position the same output.
 // effroll::rms_norm(x [M, D], weight [D], eps) -> bf16: x * rsqrt(mean(x^2) + eps) * weight in fp32, rounded
 //   once (as torch's F.rms_norm for bf16), one pass over each row, each row on its own.
+// effroll::rope_cache_write(qkv [B, T, h + 2 hkv, hd], cos, sin [B, T, 1, hd], kc, vc, pos, row0, h) -> q [B, T, h,
+//   hd]: RoPE on the query and key heads, the keys and values written to slot row0 + b at position pos[b, t].
+// effroll::silu_mul(gate_up [M, 2 I]) -> [M, I]: silu(gate) * up.
+// All of them: fp32 inside, one rounding per output, each row (and query) on its own.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -44,6 +48,27 @@ TARGET inline void store_bf16x16(uint16_t* dst, __m256 a, __m256 b, int64_t cols
     _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
     std::memcpy(dst, tmp, cols * sizeof(uint16_t));
   }
+}
+
+// 8 floats -> 8 bf16 at dst (round to nearest even).
+TARGET inline void store_bf16x8(uint16_t* dst, __m256 a) {
+  const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(to_bf16_lanes(a), to_bf16_lanes(a)), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(p));
+}
+
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The same rounding as to_bf16_lanes, one value.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t i;
+  std::memcpy(&i, &f, 4);
+  if (f != f) return uint16_t((i | 0x400000u) >> 16);
+  return uint16_t((i + 0x7FFFu + ((i >> 16) & 1u)) >> 16);
 }
 
 // n bf16 (a multiple of 8) -> fp32 (exact).
@@ -167,6 +192,46 @@ TARGET void rms_rows(const uint16_t* x, int64_t ldx, const uint16_t* w, float ep
   }
 }
 
+
+// One (row, position): RoPE on the h + hkv query/key heads of qkv (x * cos + rotate_half(x) * sin, rotate_half's
+// sign folded into sin, as the model's tables hold it), the query heads to q, the key heads and the value heads to
+// their cache position. fp32 inside, one rounding per value.
+TARGET void rope_row(const uint16_t* x, int64_t hstride, const uint16_t* cs, const uint16_t* sn, int64_t nq,
+                     int64_t nk, int64_t hd, uint16_t* q, uint16_t* k, int64_t kstride, uint16_t* v,
+                     int64_t vstride) {
+  const int64_t half = hd / 2, vec = half & ~int64_t(7);
+  for (int64_t j = 0; j < nq + nk; ++j) {
+    const uint16_t* xr = x + j * hstride;
+    uint16_t* dst = j < nq ? q + j * hd : k + (j - nq) * kstride;
+    for (int64_t c = 0; c < vec; c += 8) {
+      const __m256 lo = load_bf16x8(xr + c), hi = load_bf16x8(xr + half + c);
+      const __m256 a = _mm256_fmadd_ps(lo, load_bf16x8(cs + c), _mm256_mul_ps(hi, load_bf16x8(sn + c)));
+      const __m256 b = _mm256_fmadd_ps(hi, load_bf16x8(cs + half + c), _mm256_mul_ps(lo, load_bf16x8(sn + half + c)));
+      store_bf16x8(dst + c, a);
+      store_bf16x8(dst + half + c, b);
+    }
+    for (int64_t c = vec; c < half; ++c) {  // head dims that are not a multiple of 16
+      const float lo = bf16_to_float(xr[c]), hi = bf16_to_float(xr[half + c]);
+      dst[c] = float_to_bf16(std::fma(lo, bf16_to_float(cs[c]), hi * bf16_to_float(sn[c])));
+      dst[half + c] = float_to_bf16(std::fma(hi, bf16_to_float(cs[half + c]), lo * bf16_to_float(sn[half + c])));
+    }
+  }
+  for (int64_t j = 0; j < nk; ++j) std::memcpy(v + j * vstride, x + (nq + nk + j) * hstride, hd * sizeof(uint16_t));
+}
+
+// silu(gate) * up for `n` columns (gate at g, up at u), fp32 inside, one rounding.
+TARGET void silu_mul_row(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* y) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t c = 0; c < n; c += 8) {  // n is a multiple of 8
+    const __m256 x = load_bf16x8(g + c);
+    const __m256 e = exp_nonpos(_mm256_sub_ps(zero, _mm256_and_ps(x, absmask)));  // exp(-|x|)
+    const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+    store_bf16x8(y + c, _mm256_mul_ps(_mm256_mul_ps(x, sig), load_bf16x8(u + c)));
+  }
+}
+
 #endif  // EFFROLL_X86
 
 bool is_bf16(const Tensor& t) { return t.is_cpu() && t.scalar_type() == ScalarType::BFloat16; }
@@ -249,6 +314,73 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   return y;
 }
 
+Tensor rope_cache_write(const Tensor& qkv, const Tensor& cos, const Tensor& sin, Tensor kc, Tensor vc,
+                        const Tensor& pos, int64_t row0, int64_t h) {
+  STD_TORCH_CHECK(cpu_supported(), "effroll::rope_cache_write needs an x86-64 CPU with AVX2 and FMA");
+  STD_TORCH_CHECK(qkv.dim() == 4 && cos.dim() == 4 && sin.dim() == 4 && kc.dim() == 4 && vc.dim() == 4 &&
+                      is_bf16(qkv) && is_bf16(cos) && is_bf16(sin) && is_bf16(kc) && is_bf16(vc),
+                  "effroll::rope_cache_write: qkv [B, T, h + 2 hkv, hd], cos/sin [B, T, 1, hd] and caches "
+                  "[slots, hkv, cap, hd] must be CPU bfloat16");
+  const int64_t B = qkv.size(0), T = qkv.size(1), hd = qkv.size(3), hkv = kc.size(1), cap = kc.size(2);
+  STD_TORCH_CHECK(h > 0 && qkv.size(2) == h + 2 * hkv && kc.size(3) == hd && vc.size(1) == hkv &&
+                      vc.size(2) == cap && vc.size(3) == hd && hd % 2 == 0,
+                  "effroll::rope_cache_write: shapes do not match (qkv has h + 2 hkv heads, hd even)");
+  for (const Tensor* t : {&cos, &sin})
+    STD_TORCH_CHECK(t->size(0) == B && t->size(1) == T && t->size(3) == hd && t->stride(3) == 1,
+                    "effroll::rope_cache_write: cos/sin must be [B, T, 1, hd] with contiguous head dims");
+  STD_TORCH_CHECK(qkv.stride(3) == 1 && kc.is_contiguous() && vc.is_contiguous(),
+                  "effroll::rope_cache_write: qkv's head dims and the caches must be contiguous");
+  STD_TORCH_CHECK(row0 >= 0 && row0 + B <= kc.size(0) && vc.size(0) == kc.size(0),
+                  "effroll::rope_cache_write: rows ", row0, "..", row0 + B, " outside ", kc.size(0), " slots");
+  STD_TORCH_CHECK(pos.is_cpu() && pos.scalar_type() == ScalarType::Long && pos.dim() == 2 && pos.size(0) == B &&
+                      pos.size(1) == T,
+                  "effroll::rope_cache_write: pos must be CPU int64 [B, T]");
+  const Tensor pc = pos.is_contiguous() ? pos : torch::stable::contiguous(pos);
+  const auto* pp = static_cast<const int64_t*>(pc.const_data_ptr());
+  for (int64_t i = 0; i < B * T; ++i)
+    STD_TORCH_CHECK(pp[i] >= 0 && pp[i] < cap, "effroll::rope_cache_write: position ", pp[i],
+                    " outside the cache (", cap, ")");
+  const int64_t sizes[4] = {B, T, h, hd}, strides[4] = {T * h * hd, h * hd, hd, 1};
+  Tensor q = empty_bf16(4, sizes, strides);
+#if EFFROLL_X86
+  const auto* xb = static_cast<const uint16_t*>(qkv.const_data_ptr());
+  const auto* cb = static_cast<const uint16_t*>(cos.const_data_ptr());
+  const auto* sb = static_cast<const uint16_t*>(sin.const_data_ptr());
+  auto* kb = static_cast<uint16_t*>(kc.mutable_data_ptr());
+  auto* vb = static_cast<uint16_t*>(vc.mutable_data_ptr());
+  auto* qb = static_cast<uint16_t*>(q.mutable_data_ptr());
+  const int64_t ss = kc.stride(0), sh = kc.stride(1);  // the same for vc (both contiguous, same shape)
+  torch::stable::parallel_for(0, B * T, 16, [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) {
+      const int64_t b = i / T, t = i % T, p = pp[i];
+      rope_row(xb + b * qkv.stride(0) + t * qkv.stride(1), qkv.stride(2), cb + b * cos.stride(0) + t * cos.stride(1),
+               sb + b * sin.stride(0) + t * sin.stride(1), h, hkv, hd, qb + i * h * hd,
+               kb + (row0 + b) * ss + p * hd, sh, vb + (row0 + b) * ss + p * hd, sh);
+    }
+  });
+#endif
+  return q;
+}
+
+Tensor silu_mul(const Tensor& gu) {
+  STD_TORCH_CHECK(cpu_supported(), "effroll::silu_mul needs an x86-64 CPU with AVX2 and FMA");
+  STD_TORCH_CHECK(gu.dim() == 2 && is_bf16(gu) && gu.stride(1) == 1 && gu.size(1) % 16 == 0,
+                  "effroll::silu_mul: gate_up must be CPU bfloat16 [M, 2 I] (rows contiguous, I a multiple of 8)");
+  const int64_t m = gu.size(0), n = gu.size(1) / 2;
+  const int64_t sizes[2] = {m, n}, strides[2] = {n, 1};
+  Tensor y = empty_bf16(2, sizes, strides);
+#if EFFROLL_X86
+  const auto* gb = static_cast<const uint16_t*>(gu.const_data_ptr());
+  auto* yb = static_cast<uint16_t*>(y.mutable_data_ptr());
+  const int64_t ld = gu.stride(0);
+  torch::stable::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(n, 1)),
+                              [&](int64_t a, int64_t b) {
+                                for (int64_t r = a; r < b; ++r) silu_mul_row(gb + r * ld, gb + r * ld + n, n, yb + r * n);
+                              });
+#endif
+  return y;
+}
+
 }  // namespace
 
 // The CPU check, for the Python loader (through ctypes: an op without tensor arguments has no dispatch key).
@@ -257,9 +389,14 @@ extern "C" int effroll_decode_cpu_supported() { return cpu_supported() ? 1 : 0; 
 STABLE_TORCH_LIBRARY_FRAGMENT(effroll, m) {
   m.def("cache_attention(Tensor q, Tensor kc, Tensor vc, Tensor pos, int row0, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope_cache_write(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int row0, "
+        "int h) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(effroll, CPU, m) {
   m.impl("cache_attention", TORCH_BOX(&cache_attention));
   m.impl("rms_norm", TORCH_BOX(&rms_norm));
+  m.impl("rope_cache_write", TORCH_BOX(&rope_cache_write));
+  m.impl("silu_mul", TORCH_BOX(&silu_mul));
 }
