@@ -131,6 +131,7 @@ def test_auto_profile_picks_a_matching_shipped_profile(tmp_path, monkeypatch, sm
 
     target, _ = small_pair
     hw = runtime_hardware(target)
+    assert hw.get("isa", "avx2") in ("amx", "avx512", "avx2", "baseline")
     cm = CostModel().fit()
     mine = make_profile(cm, model_name="small", model_fingerprint=target.fingerprint(), dtype="float32",
                         drafter_recipe="rtn-sym-g32", hardware=hw)
@@ -138,7 +139,10 @@ def test_auto_profile_picks_a_matching_shipped_profile(tmp_path, monkeypatch, sm
                             drafter_recipe="rtn-sym-g32", hardware=dict(hw, cpu="some other CPU"))
     other_model = make_profile(cm, model_name="big", model_fingerprint="0123456789abcdef", dtype="float32",
                                drafter_recipe="rtn-sym-g32", hardware=hw)
+    other_isa = make_profile(cm, model_name="small", model_fingerprint=target.fingerprint(), dtype="float32",
+                             drafter_recipe="rtn-sym-g32", hardware=dict(hw, isa="something wider"))
     save_profile(other_hw, tmp_path / "a_other_hw.json")
+    save_profile(other_isa, tmp_path / "a_other_isa.json")  # the same CPU name, other instructions
     save_profile(other_model, tmp_path / "b_other_model.json")
     (tmp_path / "c_broken.json").write_text("{not json")
     assert find_profile(target.fingerprint(), hw, dirs=[tmp_path]) is None

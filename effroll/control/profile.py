@@ -25,24 +25,33 @@ SCHEMA_VERSION = 1
 # Shipped profiles live in the repository's policies/ (editable installs); EFFROLL_POLICIES adds
 # more directories (os.pathsep-separated), searched first.
 POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
-MATCH_HARDWARE = ("cpu", "cores", "machine", "device", "torch_threads")
+MATCH_HARDWARE = ("cpu", "cores", "machine", "device", "torch_threads", "isa")
+# The widest SIMD level the kernels can use: CPU names are generic in VMs ("AMD EPYC" is Zen 3 with AVX2 or Zen 4
+# with AVX512) and the step times follow the instructions, not the name.
+ISA_LEVELS = (("amx", ("amx_bf16",)), ("avx512", ("avx512f", "avx512bw")), ("avx2", ("avx2", "fma")))
 REQUIRED = {"schema_version": int, "hardware": dict, "model": dict, "dtype": str, "drafter_recipe": str,
             "cost_model": dict, "fit": dict, "toggle": dict, "created": str}
 
 
 def hardware_fingerprint(**extra) -> dict:
     """Torch-free description of this machine; callers add accelerator info via ``extra``."""
-    cpu = platform.processor() or ""
+    cpu, flags = None, None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu is None:
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and flags is None:
+                    flags = set(line.split(":", 1)[1].split())
+                if cpu is not None and flags is not None:
                     break
     except OSError:
         pass
+    cpu = cpu or platform.processor()
     hw = {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "machine": platform.machine(),
           "system": platform.system(), "release": platform.release(), "python": platform.python_version()}
+    if flags is not None:
+        hw["isa"] = next((name for name, need in ISA_LEVELS if all(f in flags for f in need)), "baseline")
     hw.update(extra)
     return hw
 
