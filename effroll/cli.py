@@ -212,7 +212,7 @@ def drafter_report_cmd(model_path, recipes, n_prompts, tokens, seed, calib_promp
 
 
 # ----------------------------------------------------------------------------- verify
-VERIFY_PROMPTS, VERIFY_SAMPLES = 1, 2000  # ~4 minutes on a 2-core AVX2 CPU with SmolLM2-135M (experiments/README 10)
+VERIFY_PROMPTS, VERIFY_SAMPLES = 1, 2000  # ~2 minutes on a 2-core AVX2 CPU with SmolLM2-135M (experiments/README 11)
 VERIFY_SEQ = 256  # the workload's prompts (cap 8 words) plus the 32 greedy tokens fit with room to spare
 @main.command(name="verify")
 @click.option("--model", "model_path", required=True, type=click.Path(), help="HF checkpoint directory.")
@@ -230,9 +230,10 @@ VERIFY_SEQ = 256  # the workload's prompts (cap 8 words) plus the 32 greedy toke
               help="Emitted positions tested per prompt.")
 @click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True,
-              help="fp32: greedy identity and logprob parity hold to rounding, so they test the algorithm; in bf16 "
-                   "a near-tie can flip a greedy token between decode and verify shapes.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Greedy identity and logprob parity test the algorithm only where decode and verify shapes give a "
+                   "position the same logits: always in fp32 (to rounding), in bf16 where effroll's CPU kernels run "
+                   "(bit for bit). auto: bf16 there (faster), else fp32; bf16 elsewhere can flip a near-tie.")
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
 def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, positions, max_batch, seed, dtype,
@@ -242,6 +243,11 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
     from .checks.verify import TorchEngineUnderTest, VLLMEngineUnderTest, run_verify
     from .llm import LLM, load_drafter
 
+    if dtype == "auto":
+        from .checkpoints.files import default_device
+        from .engine.glue import bf16_positions_exact
+
+        dtype = "bf16" if engine_name == "torch" and bf16_positions_exact(default_device()) else "fp32"
     if engine_name == "vllm":
         import tempfile
 
@@ -280,6 +286,7 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
         res = run_verify(eut, prompts, samples=samples, positions=positions, k=k, seed=seed, logprob_tol=logprob_tol,
                          progress=lambda what, done, total: prog.update(task, description=what, completed=done,
                                                                         total=total))
+    res["dtype"] = dtype
     if as_json:
         click.echo(json.dumps(res))
     else:
@@ -287,7 +294,7 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
             mark = "PASS" if c["passed"] else "FAIL"
             click.echo(f"{mark}  {c['name']:<16} statistic={c['statistic']:.4g}  threshold={c['threshold']:.4g}"
                        + (f"  max_tv={c['max_tv']:.4f} (detectable {c['detectable_tv']:.3f})" if "max_tv" in c else ""))
-        click.echo(f"{res['engine']}: {'lossless' if res['passed'] else 'NOT LOSSLESS'}")
+        click.echo(f"{res['engine']} ({dtype}): {'lossless' if res['passed'] else 'NOT LOSSLESS'}")
     sys.exit(0 if res["passed"] else 1)
 
 

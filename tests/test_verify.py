@@ -124,3 +124,21 @@ def test_verify_drafts_the_k_it_is_asked_for_and_catches_a_k2_only_bug(small_pai
     assert seen["max_k"] == 4
     dist = next(c for c in res["checks"] if c["name"] == "distribution")
     assert not dist["passed"], dist
+
+
+def test_verify_cli_auto_dtype_is_bf16_only_where_positions_are_exact(tmp_path):
+    """--dtype auto (the default) picks bf16 where effroll's CPU kernels make decode and verify shapes give the
+    same bits, and its greedy and logprob checks pass there; elsewhere fp32."""
+    from effroll.checkpoints.files import default_device
+    from effroll.cli import main
+    from effroll.engine.glue import bf16_positions_exact
+
+    from test_cli_generate import save_tiny_checkpoint
+
+    t = save_tiny_checkpoint(tmp_path / "t", seed=0, vocab=64)
+    d = save_tiny_checkpoint(tmp_path / "d", seed=0, noise=0.2, vocab=64)
+    res = CliRunner().invoke(main, ["verify", "--model", str(t), "--drafter", str(d), "--samples", "500", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["dtype"] == ("bf16" if bf16_positions_exact(default_device()) else "fp32")
+    assert out["passed"] and all(c["passed"] for c in out["checks"])

@@ -43,6 +43,14 @@ if hasattr(torch.compiler, "assume_constant_result"):  # traced as its value, so
     effroll_glue = torch.compiler.assume_constant_result(effroll_glue)
 
 
+def bf16_positions_exact(device: torch.device) -> bool:
+    """Whether a bf16 model on ``device`` gives a position the same logits bits in decode, verify and prefill:
+    on the CPU where both effroll's bf16 linear (batch-invariant) and its glue ops run (tests/test_glue_ops.py)."""
+    from .linear import bf16_linear_path
+
+    return torch.device(device).type == "cpu" and bf16_linear_path() == "effroll" and effroll_glue()
+
+
 def _ours(*ts: torch.Tensor) -> bool:
     if not all(t.dtype == torch.bfloat16 and t.is_cpu for t in ts):
         return False
