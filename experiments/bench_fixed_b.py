@@ -28,9 +28,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compile-drafter", action="store_true", help="as LLM(compile_drafter=True)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    llm = LLM(a.model, recipe=a.recipe, max_batch=max(a.batch), kmax=max(8, max(a.k)))
+    llm = LLM(a.model, recipe=a.recipe, max_batch=max(a.batch), kmax=max(8, max(a.k)), compile_drafter=a.compile_drafter)
     rows = []
     for B in a.batch:
         base = make_workload(llm, n=B, cap=a.tokens, seed=B)
@@ -61,7 +62,8 @@ def main() -> None:
               + f"  | best {r['best_mode']}, adaptive/best {r['adaptive_vs_best']:.3f}"
               + f" (adaptive speculated {r['adaptive_speculative_share']:.0%})", flush=True)
     if a.json:
-        print(json.dumps({"recipe": a.recipe, "tokens": a.tokens, "repeats": a.repeats, "rows": rows}))
+        print(json.dumps({"recipe": a.recipe, "tokens": a.tokens, "repeats": a.repeats,
+                          "drafter_compiled": a.compile_drafter, "rows": rows}))
 
 
 if __name__ == "__main__":
