@@ -231,9 +231,8 @@ VERIFY_SEQ = 256  # the workload's prompts (cap 8 words) plus the 32 greedy toke
 @click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="Greedy identity and logprob parity test the algorithm only where decode and verify shapes give a "
-                   "position the same logits: always in fp32 (to rounding), in bf16 where effroll's CPU kernels run "
-                   "(bit for bit). auto: bf16 there (faster), else fp32; bf16 elsewhere can flip a near-tie.")
+              help="auto: bf16 where effroll's CPU kernels give decode and verify the same bits (faster), else fp32; "
+                   "bf16 elsewhere can flip a near-tie in the greedy and logprob checks.")
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
 def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, positions, max_batch, seed, dtype,
@@ -244,10 +243,8 @@ def verify_cmd(model_path, engine_name, drafter, mode, k, n_prompts, samples, po
     from .llm import LLM, load_drafter
 
     if dtype == "auto":
-        from .checkpoints.files import default_device
-        from .engine.glue import bf16_positions_exact
-
-        dtype = "bf16" if engine_name == "torch" and bf16_positions_exact(default_device()) else "fp32"
+        from .checks.verify import auto_dtype
+        dtype = auto_dtype(engine_name)
     if engine_name == "vllm":
         import tempfile
 

@@ -215,3 +215,12 @@ def verify_vllm_sampling(engine: Any, prompts: Sequence[Sequence[int]] | None = 
                           "max_tv": c["max_tv"], "tests": c["tests"], "samples_per_side": samples,
                           "acceptance_rate": m.acceptance_rate, "sampler_patch": engine.sampler_patch}
     return engine.last_verify
+
+
+def auto_dtype(engine_name: str) -> str:
+    """``effroll verify --dtype auto``: bf16 where a bf16 position's logits are the same bits in decode and verify
+    (effroll's CPU kernels; greedy identity and logprob parity then test the algorithm), else fp32."""
+    from ..checkpoints.files import default_device
+    from ..engine.glue import bf16_positions_exact
+
+    return "bf16" if engine_name == "torch" and bf16_positions_exact(default_device()) else "fp32"
