@@ -2,8 +2,8 @@
 on x86 CPUs with AVX2, else torch's.
 
 ``EFFROLL_GLUE_KERNEL`` ``auto`` (and ``effroll``) take ``torch.ops.effroll.*`` (``kernels/decode_ops.cpp``)
-wherever the library builds: per call, torch's fused RMSNorm and SDPA cost 80 and
-150 us at batch 1 on SmolLM2's shapes, more than the linears they sit between. The attention op computes every
+wherever the library builds: at batch 1 torch's RMSNorm and masked SDPA cost more per call than the linears they
+sit between (experiments/README.md section 11). The attention op computes every
 query on its own (its row's keys 0..pos, fp32 softmax), so a position gets the same output in decode, verify and
 prefill, whatever the batch; the others work element by element (one rounding each). Inside torch.compile (the
 compiled drafter) RoPE and the cache writes stay torch's, which inductor fuses: an op that writes the cache would be

@@ -234,7 +234,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, g
 
 
 BF16_KERNEL_ENV = "EFFROLL_BF16_KERNEL"  # "torch": bf16 linears never run effroll's kernel (A/B runs); see Linear
-GLUE_KERNEL_ENV = "EFFROLL_GLUE_KERNEL"  # "torch": bf16 attention and RMSNorm never run effroll's ops; see engine.glue
+GLUE_KERNEL_ENV = "EFFROLL_GLUE_KERNEL"  # "torch": the bf16 glue (norm, RoPE, attention, SiLU) is torch's; engine.glue
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
