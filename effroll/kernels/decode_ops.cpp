@@ -236,6 +236,18 @@ TARGET void silu_mul_row(const uint16_t* g, const uint16_t* u, int64_t n, uint16
 
 bool is_bf16(const Tensor& t) { return t.is_cpu() && t.scalar_type() == ScalarType::BFloat16; }
 
+// pos as a contiguous CPU int64 [B, T] tensor, every position inside a cache of `cap` (else an error naming `op`).
+Tensor checked_positions(const Tensor& pos, int64_t B, int64_t T, int64_t cap, const char* op) {
+  STD_TORCH_CHECK(pos.is_cpu() && pos.scalar_type() == ScalarType::Long && pos.dim() == 2 && pos.size(0) == B &&
+                      pos.size(1) == T,
+                  "effroll::", op, ": pos must be CPU int64 [B, T]");
+  Tensor pc = pos.is_contiguous() ? pos : torch::stable::contiguous(pos);
+  const auto* pp = static_cast<const int64_t*>(pc.const_data_ptr());
+  for (int64_t i = 0; i < B * T; ++i)
+    STD_TORCH_CHECK(pp[i] >= 0 && pp[i] < cap, "effroll::", op, ": position ", pp[i], " outside the cache (", cap, ")");
+  return pc;
+}
+
 Tensor cache_attention(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& pos, int64_t row0,
                        double scale) {
   STD_TORCH_CHECK(cpu_supported(), "effroll::cache_attention needs an x86-64 CPU with AVX2 and FMA");
@@ -251,14 +263,8 @@ Tensor cache_attention(const Tensor& q, const Tensor& kc, const Tensor& vc, cons
                   "effroll::cache_attention: head_dim and position must be contiguous in q and the caches");
   STD_TORCH_CHECK(row0 >= 0 && row0 + B <= kc.size(0), "effroll::cache_attention: rows ", row0, "..", row0 + B,
                   " outside ", kc.size(0), " slots");
-  STD_TORCH_CHECK(pos.is_cpu() && pos.scalar_type() == ScalarType::Long && pos.dim() == 2 && pos.size(0) == B &&
-                      pos.size(1) == T,
-                  "effroll::cache_attention: pos must be CPU int64 [B, T]");
-  const Tensor pc = pos.is_contiguous() ? pos : torch::stable::contiguous(pos);
+  const Tensor pc = checked_positions(pos, B, T, cap, "cache_attention");
   const auto* pp = static_cast<const int64_t*>(pc.const_data_ptr());
-  for (int64_t i = 0; i < B * T; ++i)
-    STD_TORCH_CHECK(pp[i] >= 0 && pp[i] < cap, "effroll::cache_attention: position ", pp[i], " outside the cache (",
-                    cap, ")");
   const int64_t sizes[4] = {B, T, h, hd}, strides[4] = {T * h * hd, h * hd, hd, 1};
   Tensor y = empty_bf16(4, sizes, strides);
   if (B * T == 0) return y;
@@ -332,14 +338,8 @@ Tensor rope_cache_write(const Tensor& qkv, const Tensor& cos, const Tensor& sin,
                   "effroll::rope_cache_write: qkv's head dims and the caches must be contiguous");
   STD_TORCH_CHECK(row0 >= 0 && row0 + B <= kc.size(0) && vc.size(0) == kc.size(0),
                   "effroll::rope_cache_write: rows ", row0, "..", row0 + B, " outside ", kc.size(0), " slots");
-  STD_TORCH_CHECK(pos.is_cpu() && pos.scalar_type() == ScalarType::Long && pos.dim() == 2 && pos.size(0) == B &&
-                      pos.size(1) == T,
-                  "effroll::rope_cache_write: pos must be CPU int64 [B, T]");
-  const Tensor pc = pos.is_contiguous() ? pos : torch::stable::contiguous(pos);
+  const Tensor pc = checked_positions(pos, B, T, cap, "rope_cache_write");
   const auto* pp = static_cast<const int64_t*>(pc.const_data_ptr());
-  for (int64_t i = 0; i < B * T; ++i)
-    STD_TORCH_CHECK(pp[i] >= 0 && pp[i] < cap, "effroll::rope_cache_write: position ", pp[i],
-                    " outside the cache (", cap, ")");
   const int64_t sizes[4] = {B, T, h, hd}, strides[4] = {T * h * hd, h * hd, hd, 1};
   Tensor q = empty_bf16(4, sizes, strides);
 #if EFFROLL_X86
