@@ -20,12 +20,13 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..once import warn_once
+from .linear import bf16_linear_path
 
 _PATHS: dict[str | None, bool] = {}  # EFFROLL_GLUE_KERNEL's value -> whether the glue runs effroll's ops
 
 
 def effroll_glue() -> bool:
-    """Whether bf16 CPU attention and RMSNorm take effroll's ops (read at every call, resolved once per value)."""
+    """Whether the bf16 CPU glue takes effroll's ops (read at every call, resolved once per value)."""
     env = os.environ.get(kernels.GLUE_KERNEL_ENV)
     on = _PATHS.get(env)
     if on is None:
@@ -33,8 +34,8 @@ def effroll_glue() -> bool:
         on = wanted and kernels.DECODE.available()
         if wanted and not on:
             warn_once(f"decode:{kernels.DECODE.unavailable_reason()}",
-                      f"effroll's CPU attention/RMSNorm ops are unavailable ({kernels.DECODE.unavailable_reason()}); "
-                      "bf16 models use torch's", stacklevel=3)
+                      f"effroll's CPU glue ops (norm, RoPE, attention, SiLU) are unavailable "
+                      f"({kernels.DECODE.unavailable_reason()}); bf16 models use torch's", stacklevel=3)
         _PATHS[env] = on
     return on
 
@@ -46,8 +47,6 @@ if hasattr(torch.compiler, "assume_constant_result"):  # traced as its value, so
 def bf16_positions_exact(device: torch.device) -> bool:
     """Whether a bf16 model on ``device`` gives a position the same logits bits in decode, verify and prefill:
     on the CPU where both effroll's bf16 linear (batch-invariant) and its glue ops run (tests/test_glue_ops.py)."""
-    from .linear import bf16_linear_path
-
     return torch.device(device).type == "cpu" and bf16_linear_path() == "effroll" and effroll_glue()
 
 
